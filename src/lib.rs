@@ -1,0 +1,2 @@
+//! Portcullis: a zero-trust sidecar proxy for payment services.
+#![forbid(unsafe_code)]
