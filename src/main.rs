@@ -1,1 +1,276 @@
-fn main(){}
+//! The `portcullis` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+
+use portcullis::{app, audit, certs, config::Config, demo, policy};
+
+#[derive(Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Zero-trust sidecar: SPIFFE mTLS, Rego authorization, tamper-evident audit"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run(RunArgs),
+    /// Self-contained demo: dev certs, a payment service, the sidecar, calls.
+    Demo,
+    /// Work with Rego policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Certificates for local development.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Work with the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Overrides inbound.listen.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Overrides inbound.upstream.
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Overrides admin.listen.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Overrides policy.dir.
+    #[arg(long)]
+    policy_dir: Option<String>,
+    /// Overrides audit.path.
+    #[arg(long)]
+    audit_path: Option<String>,
+}
+
+impl RunArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let flags: Vec<(&str, String)> = [
+            ("inbound.listen", &self.listen),
+            ("inbound.upstream", &self.upstream),
+            ("admin.listen", &self.admin_listen),
+            ("policy.dir", &self.policy_dir),
+            ("audit.path", &self.audit_path),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect();
+        let config = Config::load(&self.config, &|k| std::env::var(k).ok(), &flags)?;
+        Ok(config)
+    }
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Run the `test_` rules of the policies, like `opa test`.
+    Test {
+        /// Policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Print every test, not only failures.
+        #[arg(short, long)]
+        verbose: bool,
+        /// Only tests whose name matches this regular expression.
+        #[arg(long)]
+        run: Option<String>,
+    },
+    /// Print the decision for one input document.
+    Eval {
+        /// Policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Input document (JSON); `-` reads standard input.
+        #[arg(long)]
+        input: PathBuf,
+        /// Query to evaluate.
+        #[arg(long, default_value = "data.portcullis.authz.allow")]
+        query: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a dev CA bundle and SVIDs for the workloads the shipped policy names.
+    Dev {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "pay.example")]
+        trust_domain: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of an audit trail.
+    Verify { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration, its certificates and its policies without starting.
+    Check(RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own story; info logs would bury it.
+    init_logging(if matches!(cli.command, Command::Demo) { "warn" } else { "info" });
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => {
+            let config = args.load()?;
+            runtime()?.block_on(run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo => {
+            runtime()?.block_on(demo::run())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Check(args)) => {
+            let config = args.load()?;
+            let (identity, policy) = app::check(&config)?;
+            println!(
+                "config ok: {} as {} (SVID valid until {}), policy revision {} ({})",
+                args.config.display(),
+                identity.spiffe_id,
+                audit::timestamp(identity.not_after),
+                policy.revision,
+                policy.files.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(CertsCommand::Dev { out, trust_domain }) => {
+            let set = certs::write_dev_set(&out, &trust_domain)?;
+            println!("wrote dev CA bundle {}", set.bundle.display());
+            for (name, cert, _) in set.svids() {
+                println!("wrote SVID {name}: {}", cert.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit(AuditCommand::Verify { file }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            match audit::verify(&text) {
+                Ok(n) => {
+                    println!("{}: {n} events verified, hash chain intact", file.display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err((line, why)) => {
+                    println!("{}:{line}: chain broken: {why}", file.display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Policy(PolicyCommand::Test { dir, verbose, run }) => {
+            let filter = run
+                .map(|r| regex::Regex::new(&r))
+                .transpose()
+                .context("--run is not a valid regular expression")?;
+            let report = policy::testing::run_tests(&dir, filter.as_ref())?;
+            print!("{}", report.render(verbose));
+            Ok(if report.all_passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Policy(PolicyCommand::Eval { dir, input, query }) => {
+            let text = if input.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+            } else {
+                std::fs::read_to_string(&input)
+                    .with_context(|| format!("cannot read {}", input.display()))?
+            };
+            let value = regorus::Value::from_json_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", input.display()))?;
+            let snapshot =
+                policy::PolicySnapshot::load(&dir, &query, std::time::Duration::from_secs(5))?;
+            let started = std::time::Instant::now();
+            let decision = snapshot.evaluate(value)?;
+            let took = started.elapsed();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "allowed": decision.allowed,
+                    "http_status": decision.http_status,
+                    "reason": decision.reason,
+                    "headers": decision.headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                    "policy_revision": snapshot.revision,
+                }))?
+            );
+            eprintln!("evaluated in {took:?}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let running = app::start(config).await?;
+    wait_for_signal().await?;
+    if !running.shutdown().await {
+        bail!("drain deadline passed with requests still in flight");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Logs go to stderr (stdout carries the audit trail when audit.path is
+/// `-`). `PORTCULLIS_LOG` filters, `PORTCULLIS_LOG_FORMAT=json` for log
+/// pipelines.
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTCULLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("PORTCULLIS_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,203 @@
+//! Wires the components together: loads identity and policy (refusing to
+//! start without both), starts the audit writer, binds the listeners and
+//! returns their bound addresses, so tests can run the whole sidecar on
+//! `127.0.0.1:0`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+
+use crate::audit::{self, Event, Kind};
+use crate::config::{self, Config};
+use crate::drain;
+use crate::identity;
+use crate::metrics::Metrics;
+use crate::policy::{self, PolicySnapshot};
+use crate::proxy::{self, Limits, Shared, Upstream};
+use crate::admin;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::Error),
+    #[error(transparent)]
+    Identity(#[from] identity::Error),
+    #[error("policy.dir: {0}")]
+    Policy(#[from] policy::Error),
+    #[error(transparent)]
+    Audit(#[from] audit::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{key} {addr}: cannot listen: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A started sidecar.
+pub struct Running {
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    pub identity: Arc<ArcSwap<identity::IdentitySnapshot>>,
+    pub policy: Arc<ArcSwap<PolicySnapshot>>,
+    audit: audit::AuditSink,
+    audit_writer: audit::Writer,
+    trigger: drain::Trigger,
+    listening: Arc<AtomicBool>,
+    drain_timeout: Duration,
+}
+
+/// Everything `config check` checks: the config, then the identity and the
+/// policy it names, exactly as `start` would load them.
+pub fn check(config: &Config) -> Result<(identity::IdentitySnapshot, PolicySnapshot), Error> {
+    config.validate()?;
+    let identity = identity::load_files(&config.identity)?;
+    let policy = load_policy(config)?;
+    Ok((identity, policy))
+}
+
+fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
+    PolicySnapshot::load(
+        &config.policy.dir,
+        &config.policy.query,
+        Duration::from_millis(config.policy.eval_timeout_ms),
+    )
+}
+
+pub async fn start(config: Config) -> Result<Running, Error> {
+    let (identity, policy) = check(&config)?;
+    let upstream_addr = config.upstream()?;
+    let config = Arc::new(config);
+
+    let registry = Registry::new();
+    let metrics = Arc::new(Metrics::new(&registry)?);
+    metrics.svid_expiry.set(identity.expiry_unix());
+    metrics.policy_reloads.with_label_values(&["ok"]).inc();
+
+    let (audit, audit_writer) = audit::start(
+        &config.audit.path,
+        config.audit.queue_capacity,
+        metrics.clone(),
+    )?;
+    let startup = format!(
+        "portcullis {} starting as {}",
+        env!("CARGO_PKG_VERSION"),
+        identity.spiffe_id
+    );
+    audit.record(Event::with_detail(Kind::Startup, startup));
+    audit.record(Event::with_detail(
+        Kind::PolicyLoaded,
+        format!(
+            "revision {} from {} ({})",
+            policy.revision,
+            config.policy.dir.display(),
+            policy.files.join(", ")
+        ),
+    ));
+    tracing::info!(
+        spiffe_id = %identity.spiffe_id,
+        policy_revision = %policy.revision,
+        config = %config.redacted(),
+        "identity and policy loaded"
+    );
+
+    let identity = Arc::new(ArcSwap::from_pointee(identity));
+    let policy = Arc::new(ArcSwap::from_pointee(policy));
+
+    let inbound = bind("inbound.listen", config.inbound.listen).await?;
+    let admin_listener = bind("admin.listen", config.admin.listen).await?;
+    let inbound_addr = local_addr("inbound.listen", &inbound, config.inbound.listen)?;
+    let admin_addr = local_addr("admin.listen", &admin_listener, config.admin.listen)?;
+
+    let (trigger, watch) = drain::channel();
+    let listening = Arc::new(AtomicBool::new(true));
+    let shared = Arc::new(Shared {
+        identity: identity.clone(),
+        policy: policy.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        upstream: Upstream::new(
+            upstream_addr,
+            Duration::from_millis(config.inbound.upstream_connect_timeout_ms),
+            Duration::from_millis(config.inbound.upstream_timeout_ms),
+        ),
+        limits: Limits {
+            max_connections: config.inbound.max_connections,
+            handshake_timeout: Duration::from_millis(config.inbound.handshake_timeout_ms),
+            header_read_timeout: Duration::from_millis(config.inbound.header_read_timeout_ms),
+            max_header_list_bytes: config.inbound.max_header_list_bytes,
+        },
+    });
+    let admin_state = Arc::new(admin::State {
+        registry: registry.clone(),
+        config: config.clone(),
+        identity: identity.clone(),
+        policy: policy.clone(),
+        listening: listening.clone(),
+    });
+    tokio::spawn(proxy::serve(inbound, shared, watch.clone()));
+    tokio::spawn(admin::serve(admin_listener, admin_state, watch));
+    tracing::info!(
+        inbound = %inbound_addr,
+        admin = %admin_addr,
+        "portcullis ready inbound={inbound_addr} admin={admin_addr}"
+    );
+
+    Ok(Running {
+        inbound_addr,
+        admin_addr,
+        registry,
+        metrics,
+        identity,
+        policy,
+        audit,
+        audit_writer,
+        trigger,
+        listening,
+        drain_timeout: Duration::from_millis(config.inbound.drain_timeout_ms),
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within the drain
+    /// deadline, then records the shutdown and flushes the audit trail.
+    /// Returns whether everything in flight finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.listening.store(false, Ordering::Release);
+        tracing::info!(deadline = ?self.drain_timeout, "draining");
+        let drained = self.trigger.drain(self.drain_timeout).await;
+        if !drained {
+            tracing::warn!("drain deadline passed with requests still in flight");
+        }
+        self.audit.record(Event::with_detail(
+            Kind::Shutdown,
+            if drained {
+                "drained cleanly"
+            } else {
+                "drain deadline passed with requests in flight"
+            },
+        ));
+        self.audit_writer.finish().await;
+        drained
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { key, addr, source })
+}
+
+fn local_addr(key: &'static str, l: &TcpListener, addr: SocketAddr) -> Result<SocketAddr, Error> {
+    l.local_addr()
+        .map_err(|source| Error::Bind { key, addr, source })
+}

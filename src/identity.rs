@@ -1,0 +1,169 @@
+//! The sidecar's identity: its own SVID and the trust bundles it accepts
+//! callers from, published as one immutable [`IdentitySnapshot`].
+//!
+//! Handshakes load the current snapshot once and keep it, so a rotation
+//! swaps the `ArcSwap` without touching connections in flight.
+
+mod spiffe_id;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+
+pub use spiffe_id::{SpiffeId, SpiffeIdError};
+
+use crate::config;
+use crate::tls::{self, SvidUsage, TrustBundles};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{key} {path}: cannot read: {source}")]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{key} {path}: {message}")]
+    Pem {
+        key: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("identity.key {key} does not match the certificate in identity.cert {cert}")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    #[error("identity.cert {path}: not a valid SVID for this sidecar: {message}")]
+    Svid { path: PathBuf, message: String },
+    #[error("identity.cert {path}: SVID {id} is in trust domain {actual}, but identity.trust_domain is {expected}")]
+    TrustDomain {
+        path: PathBuf,
+        id: String,
+        actual: String,
+        expected: String,
+    },
+    #[error("identity: {0}")]
+    Tls(#[from] tls::Error),
+}
+
+/// Everything a handshake needs, built and validated together.
+pub struct IdentitySnapshot {
+    pub spiffe_id: SpiffeId,
+    pub not_after: SystemTime,
+    pub bundles: Arc<TrustBundles>,
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl IdentitySnapshot {
+    /// Still usable at `now`, with `margin` to spare: readiness turns false
+    /// before the SVID actually expires.
+    pub fn is_valid_at(&self, now: SystemTime, margin: Duration) -> bool {
+        now + margin < self.not_after
+    }
+
+    pub fn expiry_unix(&self) -> i64 {
+        self.not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
+    }
+}
+
+/// Loads the SVID chain, its key and the bundle named in the config and
+/// checks that they form a usable identity: the key matches the leaf, the
+/// chain verifies to the bundle, the leaf obeys the X.509-SVID rules and
+/// names the configured trust domain.
+pub fn load_files(cfg: &config::Identity) -> Result<IdentitySnapshot, Error> {
+    let chain = read_certs("identity.cert", &cfg.cert)?;
+    let key = read_key("identity.key", &cfg.key)?;
+    let bundle_pem = read("identity.bundle", &cfg.bundle)?;
+    let bundles = TrustBundles::from_pem(&cfg.trust_domain, &bundle_pem).map_err(|e| {
+        Error::Pem {
+            key: "identity.bundle",
+            path: cfg.bundle.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    build(chain, key, Arc::new(bundles), cfg)
+}
+
+fn build(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    bundles: Arc<TrustBundles>,
+    cfg: &config::Identity,
+) -> Result<IdentitySnapshot, Error> {
+    tls::keys_match(&chain, &key).map_err(|_| Error::KeyMismatch {
+        cert: cfg.cert.clone(),
+        key: cfg.key.clone(),
+    })?;
+    let spiffe_id = tls::verify_svid(&chain, &bundles, UnixTime::now(), SvidUsage::Server)
+        .map_err(|e| Error::Svid {
+            path: cfg.cert.clone(),
+            message: e.to_string(),
+        })?;
+    if spiffe_id.trust_domain() != cfg.trust_domain {
+        return Err(Error::TrustDomain {
+            path: cfg.cert.clone(),
+            id: spiffe_id.to_string(),
+            actual: spiffe_id.trust_domain().to_string(),
+            expected: cfg.trust_domain.clone(),
+        });
+    }
+    let not_after = leaf_not_after(&chain[0]).ok_or_else(|| Error::Svid {
+        path: cfg.cert.clone(),
+        message: "cannot read the certificate's validity".into(),
+    })?;
+    let server_config = tls::server_config(chain, key, bundles.clone())?;
+    Ok(IdentitySnapshot {
+        spiffe_id,
+        not_after,
+        bundles,
+        server_config,
+    })
+}
+
+fn leaf_not_after(leaf: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::Read {
+        key,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+pub fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let pem = read(key, path)?;
+    let pem_err = |message: String| Error::Pem {
+        key,
+        path: path.to_owned(),
+        message,
+    };
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(format!("invalid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_err("contains no CERTIFICATE block".into()));
+    }
+    Ok(certs)
+}
+
+pub fn read_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    let pem = read(key, path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())
+        .map_err(|e| Error::Pem {
+            key,
+            path: path.to_owned(),
+            message: format!("invalid PEM: {e}"),
+        })?
+        .ok_or_else(|| Error::Pem {
+            key,
+            path: path.to_owned(),
+            message: "contains no PRIVATE KEY block (PKCS#8, PKCS#1 or SEC1)".into(),
+        })
+}

@@ -1,0 +1,600 @@
+//! The inbound data path: accept, mTLS handshake, HTTP, authorization,
+//! forwarding.
+//!
+//! Per request, in order: reserve the audit slot (none: 503), normalise the
+//! path (unsafe: 400), strip identity headers the caller sent, evaluate the
+//! policy on the input document, then either answer the deny or forward to
+//! the upstream with the verified identity. Every branch ends in exactly one
+//! audit record and one `portcullis_requests_total` increment.
+
+pub mod path;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+
+use crate::audit::{self, AuditSink, Event, Kind};
+use crate::drain;
+use crate::identity::{IdentitySnapshot, SpiffeId};
+use crate::metrics::Metrics;
+use crate::policy::input::{build_input, RequestFacts};
+use crate::policy::{Decision, PolicySnapshot};
+use crate::tls::{self, PeerIdentity};
+
+pub type Body = Either<Incoming, Full<Bytes>>;
+
+/// Headers that carry the caller's identity to the service. Only the proxy
+/// may set them: whatever the caller sent under these names is removed.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub const X_SPIFFE_ID: HeaderName = HeaderName::from_static("x-spiffe-id");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Connection-level headers (RFC 9110 7.6.1) that must not be forwarded.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+];
+
+pub struct Limits {
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub max_header_list_bytes: usize,
+}
+
+/// The local service, reached through a pooled keep-alive client.
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    authority: http::uri::Authority,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(addr: SocketAddr, connect_timeout: Duration, timeout: Duration) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
+            .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
+        Upstream {
+            client,
+            authority,
+            timeout,
+        }
+    }
+}
+
+/// Everything the data path needs, passed in so tests can build their own.
+pub struct Shared {
+    pub identity: Arc<ArcSwap<IdentitySnapshot>>,
+    pub policy: Arc<ArcSwap<PolicySnapshot>>,
+    pub metrics: Arc<Metrics>,
+    pub audit: AuditSink,
+    pub upstream: Upstream,
+    pub limits: Limits,
+}
+
+/// What a request knows about the connection it arrived on.
+struct ConnCtx {
+    peer_addr: SocketAddr,
+    peer: PeerIdentity,
+    own_id: SpiffeId,
+    protocol: &'static str,
+}
+
+/// Accepts until draining starts. One failed accept or handshake never ends
+/// the loop.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, drain: drain::Watch) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let accepted = tokio::select! {
+            _ = drain.signaled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer_addr) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Usually EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            shared.metrics.connections_refused.inc();
+            tracing::warn!(peer = %peer_addr, "connection limit reached, closing connection");
+            continue;
+        };
+        let shared = shared.clone();
+        let drain = drain.clone();
+        tokio::spawn(async move {
+            shared.metrics.open_connections.inc();
+            handle_connection(tcp, peer_addr, &shared, drain).await;
+            shared.metrics.open_connections.dec();
+            drop(slot);
+        });
+    }
+}
+
+async fn handle_connection(
+    tcp: TcpStream,
+    peer_addr: SocketAddr,
+    shared: &Arc<Shared>,
+    drain: drain::Watch,
+) {
+    let _ = tcp.set_nodelay(true);
+    // The snapshot is fixed for this connection: a rotation affects only
+    // handshakes that start after it.
+    let identity = shared.identity.load_full();
+    let acceptor = TlsAcceptor::from(identity.server_config.clone());
+    let stream = match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp))
+        .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let (failure, message) = tls::classify_handshake_error(&e);
+            reject_handshake(shared, peer_addr, failure.label(), &message);
+            return;
+        }
+        Err(_) => {
+            reject_handshake(shared, peer_addr, "timeout", "handshake did not finish in time");
+            return;
+        }
+    };
+    let (_, conn) = stream.get_ref();
+    let Some(peer) = tls::peer_identity(conn) else {
+        reject_handshake(
+            shared,
+            peer_addr,
+            "bad_svid",
+            "no SPIFFE ID in the verified client certificate",
+        );
+        return;
+    };
+    let protocol = match conn.alpn_protocol() {
+        Some(b"h2") => "HTTP/2",
+        _ => "HTTP/1.1",
+    };
+    shared.metrics.tls_handshakes.with_label_values(&["ok"]).inc();
+    tracing::debug!(peer = %peer_addr, spiffe_id = %peer.spiffe_id, protocol, "connection authenticated");
+
+    let ctx = Arc::new(ConnCtx {
+        peer_addr,
+        peer,
+        own_id: identity.spiffe_id.clone(),
+        protocol,
+    });
+    let svc_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        let shared = svc_shared.clone();
+        async move { Ok::<_, Infallible>(handle_request(req, &ctx, &shared).await) }
+    });
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.limits.header_read_timeout)
+        .max_buf_size(shared.limits.max_header_list_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(shared.limits.max_header_list_bytes).unwrap_or(u32::MAX));
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signaled() => {
+            // Finish the requests in hand, refuse new ones, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+    }
+}
+
+fn reject_handshake(shared: &Shared, peer_addr: SocketAddr, reason: &str, message: &str) {
+    shared
+        .metrics
+        .tls_handshakes
+        .with_label_values(&[reason])
+        .inc();
+    tracing::warn!(peer = %peer_addr, reason, "TLS handshake refused: {message}");
+    let mut event = Event::with_detail(Kind::HandshakeRejected, format!("{reason}: {message}"));
+    event.source = Some(audit::Source {
+        spiffe_id: None,
+        address: peer_addr.to_string(),
+    });
+    shared.audit.record(event);
+}
+
+async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) -> Response<Body> {
+    let started = Instant::now();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let policy = shared.policy.load_full();
+    let method = req.method().as_str().to_owned();
+    let raw_target = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+
+    let mut event = Event::new(Kind::Request);
+    event.request_id = Some(request_id.clone());
+    event.source = Some(audit::Source {
+        spiffe_id: Some(ctx.peer.spiffe_id.to_string()),
+        address: ctx.peer_addr.to_string(),
+    });
+    event.request = Some(audit::Request {
+        method: method.clone(),
+        path: audit::redact_pans(raw_target).into_owned(),
+    });
+    let Some(mut record) = shared.audit.reserve(event) else {
+        // Serving without a record would break the audit promise.
+        tracing::error!(request_id, "audit queue full: refusing request");
+        shared.metrics.audit_dropped.inc();
+        shared
+            .metrics
+            .record_request("error", 503, started.elapsed().as_secs_f64());
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit_unavailable",
+            "the audit trail is not keeping up; request refused",
+            &request_id,
+            None,
+        );
+    };
+
+    let finish = |record: audit::RequestRecord,
+                  decision: &str,
+                  allowed: bool,
+                  reason: String,
+                  response: Response<Body>| {
+        let status = response.status().as_u16();
+        let mut record = record;
+        record.event.decision = Some(audit::Decision {
+            allowed,
+            reason,
+            policy_revision: policy.revision.clone(),
+        });
+        record.finish(status);
+        shared
+            .metrics
+            .record_request(decision, status, started.elapsed().as_secs_f64());
+        response
+    };
+
+    let path = match path::normalize(req.uri().path()) {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = format!("request path refused before policy: {e}");
+            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+            let resp = error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &reason,
+                &request_id,
+                None,
+            );
+            return finish(record, "deny", false, reason, resp);
+        }
+    };
+    let query = req.uri().query().map(str::to_owned);
+    if let Some(r) = record.event.request.as_mut() {
+        let target = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path.clone(),
+        };
+        r.path = audit::redact_pans(&target).into_owned();
+    }
+
+    let (mut parts, body) = req.into_parts();
+    // The policy must never see, nor the service receive, an identity the
+    // caller chose.
+    parts.headers.remove(&XFCC);
+    parts.headers.remove(&X_SPIFFE_ID);
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+
+    let eval_started = Instant::now();
+    let facts = RequestFacts {
+        request_id: &request_id,
+        method: &method,
+        path: &path,
+        query: query.as_deref(),
+        host: &host,
+        scheme: "https",
+        protocol: ctx.protocol,
+        headers: &parts.headers,
+        source_spiffe_id: ctx.peer.spiffe_id.as_str(),
+        source_trust_domain: ctx.peer.spiffe_id.trust_domain(),
+        source_path: ctx.peer.spiffe_id.path(),
+        source_addr: ctx.peer_addr,
+        destination_spiffe_id: ctx.own_id.as_str(),
+        time: SystemTime::now(),
+    };
+    let evaluated = policy.evaluate(build_input(&facts));
+    shared
+        .metrics
+        .policy_eval_duration
+        .observe(eval_started.elapsed().as_secs_f64());
+
+    let decision = match evaluated {
+        Ok(d) => d,
+        Err(e) => {
+            let reason = format!("policy evaluation failed: {e}");
+            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+            let resp = error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "policy_error",
+                &reason,
+                &request_id,
+                Some(&policy.revision),
+            );
+            return finish(record, "error", false, reason, resp);
+        }
+    };
+
+    if !decision.allowed {
+        let reason = decision.reason.clone().unwrap_or_else(|| {
+            format!(
+                "denied by {} (policy revision {})",
+                policy.query,
+                short(&policy.revision)
+            )
+        });
+        tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "denied: {reason}");
+        // A policy may choose the status, but a deny is always an error status.
+        let status = decision
+            .http_status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .filter(|s| s.is_client_error() || s.is_server_error())
+            .unwrap_or(StatusCode::FORBIDDEN);
+        let mut resp = error_response(
+            status,
+            "forbidden",
+            &reason,
+            &request_id,
+            Some(&policy.revision),
+        );
+        add_policy_headers(resp.headers_mut(), &decision);
+        return finish(record, "deny", false, reason, resp);
+    }
+
+    let reason = decision
+        .reason
+        .clone()
+        .unwrap_or_else(|| format!("allowed by {}", policy.query));
+    strip_hop_by_hop(&mut parts.headers);
+    add_policy_headers(&mut parts.headers, &decision);
+    set_identity_headers(&mut parts.headers, ctx, &request_id);
+    if !parts.headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let target = match &query {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    parts.uri = match Uri::builder()
+        .scheme("http")
+        .authority(shared.upstream.authority.clone())
+        .path_and_query(target)
+        .build()
+    {
+        Ok(uri) => uri,
+        Err(e) => {
+            let reason = format!("cannot build the upstream URI: {e}");
+            let resp = error_response(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &reason,
+                &request_id,
+                None,
+            );
+            return finish(record, "deny", false, reason, resp);
+        }
+    };
+    // The upstream leg is HTTP/1.1 on loopback, whatever the caller spoke.
+    parts.version = Version::HTTP_11;
+
+    let upstream = &shared.upstream;
+    let sent = tokio::time::timeout(
+        upstream.timeout,
+        upstream.client.request(Request::from_parts(parts, body)),
+    )
+    .await;
+    let (kind, status, message) = match sent {
+        Ok(Ok(resp)) => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let resp = Response::from_parts(parts, Either::Left(body));
+            return finish(record, "allow", true, reason, resp);
+        }
+        Ok(Err(e)) if e.is_connect() => (
+            "connect",
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("upstream unavailable: {}", error_chain(&e)),
+        ),
+        Ok(Err(e)) => (
+            "protocol",
+            StatusCode::BAD_GATEWAY,
+            format!("upstream failed: {}", error_chain(&e)),
+        ),
+        Err(_) => (
+            "timeout",
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("upstream did not answer within {:?}", upstream.timeout),
+        ),
+    };
+    shared
+        .metrics
+        .upstream_errors
+        .with_label_values(&[kind])
+        .inc();
+    tracing::warn!(request_id, kind, "{message}");
+    let resp = error_response(status, "upstream_error", &message, &request_id, None);
+    finish(record, "allow", true, format!("{reason}; {message}"), resp)
+}
+
+/// `By=<own id>;Hash=<sha256 of the peer leaf>;URI=<peer id>`, Envoy's XFCC.
+fn set_identity_headers(headers: &mut HeaderMap, ctx: &ConnCtx, request_id: &str) {
+    let xfcc = format!(
+        "By={};Hash={};URI={}",
+        ctx.own_id, ctx.peer.leaf_sha256, ctx.peer.spiffe_id
+    );
+    // SPIFFE IDs and hex are ASCII without control characters, so these
+    // conversions cannot fail for a verified identity.
+    for (name, value) in [
+        (XFCC, xfcc.as_str()),
+        (X_SPIFFE_ID, ctx.peer.spiffe_id.as_str()),
+        (X_REQUEST_ID, request_id),
+        (X_FORWARDED_PROTO, "https"),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    }
+}
+
+fn add_policy_headers(headers: &mut HeaderMap, decision: &Decision) {
+    for (name, value) in &decision.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) if n != XFCC && n != X_SPIFFE_ID => {
+                headers.insert(n, v);
+            }
+            _ => tracing::warn!(header = %name, "policy header ignored: invalid or reserved"),
+        }
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+pub fn error_response(
+    status: StatusCode,
+    error: &str,
+    reason: &str,
+    request_id: &str,
+    policy_revision: Option<&str>,
+) -> Response<Body> {
+    let mut body = serde_json::json!({
+        "error": error,
+        "reason": reason,
+        "request_id": request_id,
+    });
+    if let Some(rev) = policy_revision {
+        body["policy_revision"] = rev.into();
+    }
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    resp
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+fn short(revision: &str) -> &str {
+    revision.get(..12).unwrap_or(revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn policy_cannot_set_identity_headers() {
+        let mut h = HeaderMap::new();
+        let d = Decision {
+            allowed: true,
+            http_status: None,
+            reason: None,
+            headers: vec![
+                ("x-spiffe-id".into(), "spiffe://evil/x".into()),
+                ("x-tenant".into(), "eu".into()),
+                ("bad header".into(), "v".into()),
+            ],
+        };
+        add_policy_headers(&mut h, &d);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h["x-tenant"], "eu");
+    }
+}
