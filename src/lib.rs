@@ -1,6 +1,18 @@
 //! Portcullis: a zero-trust sidecar proxy for payment services.
+//!
+//! One crate, a library plus the `portcullis` binary. `app` wires the
+//! components; each module owns one job and its own error type.
 #![forbid(unsafe_code)]
-pub mod config;
+
+pub mod admin;
+pub mod app;
 pub mod audit;
+pub mod certs;
+pub mod config;
+pub mod demo;
 pub mod drain;
+pub mod identity;
 pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod tls;
