@@ -1,0 +1,340 @@
+//! The whole inbound path, in process: real TLS with certificates made in
+//! the test, the real policy engine on the shipped policy, a real upstream
+//! that records what it receives.
+
+mod common;
+
+use common::*;
+use portcullis::certs::{DevCa, LeafSpec};
+
+#[tokio::test]
+async fn allowed_request_reaches_upstream_with_verified_identity_only() {
+    let mut h = Harness::start().await;
+    let (client, hash) = h.pki.client_with(&LeafSpec::svid(CHECKOUT), &[b"http/1.1"]);
+    let reply = h
+        .call(
+            client,
+            "POST",
+            "/v1/payments",
+            &[
+                ("idempotency-key", "k-1"),
+                // Forged identity headers: must never reach the service.
+                ("x-spiffe-id", REPORTING),
+                ("x-forwarded-client-cert", "By=x;Hash=y;URI=spiffe://pay.example/ns/x/sa/admin"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = h.service.received();
+    assert_eq!(got.len(), 1);
+    let headers = &got[0].headers;
+    assert_eq!(headers.get_all("x-spiffe-id").iter().count(), 1);
+    assert_eq!(headers["x-spiffe-id"], CHECKOUT);
+    assert_eq!(headers.get_all("x-forwarded-client-cert").iter().count(), 1);
+    assert_eq!(
+        headers["x-forwarded-client-cert"],
+        format!("By={SIDECAR};Hash={hash};URI={CHECKOUT}").as_str()
+    );
+    assert_eq!(headers["x-forwarded-proto"], "https");
+    assert_eq!(got[0].uri, "/v1/payments");
+    let request_id = reply.headers["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(headers["x-request-id"], request_id.as_str());
+
+    let events = h.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["request_id"], request_id.as_str());
+    assert_eq!(reqs[0]["decision"]["allowed"], true);
+    assert_eq!(reqs[0]["source"]["spiffe_id"], CHECKOUT);
+    assert_eq!(reqs[0]["response"]["status"], 200);
+    assert_eq!(reqs[0]["request"]["method"], "POST");
+}
+
+#[tokio::test]
+async fn denied_request_gets_403_with_reason_and_never_reaches_upstream() {
+    let mut h = Harness::start().await;
+    let reply = h
+        .call(h.pki.client(FRONTEND), "POST", "/v1/payments", &[("idempotency-key", "k")])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 403);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.contains(FRONTEND), "reason should name the caller: {reason}");
+    assert_eq!(body["request_id"], reply.headers["x-request-id"].to_str().unwrap());
+    assert!(h.service.received().is_empty(), "a denied request reached the service");
+
+    let events = h.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["decision"]["allowed"], false);
+    assert_eq!(reqs[0]["decision"]["reason"], reason);
+    assert_eq!(reqs[0]["response"]["status"], 403);
+    assert_eq!(reqs[0]["decision"]["policy_revision"].as_str().unwrap().len(), 64);
+}
+
+#[tokio::test]
+async fn http2_is_served_and_forwarded() {
+    let h = Harness::start().await;
+    let (client, _) = h.pki.client_with(&LeafSpec::svid(REPORTING), &[b"h2"]);
+    let reply = h.call(client, "GET", "/v1/reports/daily?date=2026-11-25", &[]).await.unwrap();
+    assert_eq!(reply.version, http::Version::HTTP_2);
+    assert_eq!(reply.status, 200);
+    let got = h.service.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].uri, "/v1/reports/daily?date=2026-11-25");
+    assert_eq!(got[0].headers["x-spiffe-id"], REPORTING);
+}
+
+#[tokio::test]
+async fn unsafe_paths_are_refused_before_policy_and_safe_ones_normalised() {
+    let mut h = Harness::start().await;
+    let reporting = h.pki.client(REPORTING);
+    for bad in ["/v1/reports/..%2Fpayments", "/v1/reports/../../etc", "/v1/reports/..;/payments"] {
+        let reply = h.call(reporting.clone(), "GET", bad, &[]).await.unwrap();
+        assert_eq!(reply.status, 400, "{bad}");
+    }
+    // Encoded dot segments are resolved before policy: reporting may not
+    // read payments, whatever the spelling.
+    let reply = h.call(reporting.clone(), "GET", "/v1/reports/%2e%2e/payments/p1", &[]).await.unwrap();
+    assert_eq!(reply.status, 403);
+    assert!(h.service.received().is_empty());
+    let reply = h.call(reporting, "GET", "//v1/reports/./daily", &[]).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(h.service.received()[0].uri, "/v1/reports/daily");
+    let events = h.stop().await;
+    assert_eq!(requests(&events).len(), 5);
+}
+
+#[tokio::test]
+async fn refused_handshakes_are_counted_by_reason_and_audited() {
+    let mut h = Harness::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let mut expired = LeafSpec::svid(CHECKOUT);
+    expired.not_before = now - time::Duration::days(2);
+    expired.not_after = now - time::Duration::days(1);
+    let mut two_uris = LeafSpec::svid(CHECKOUT);
+    two_uris.uris.push(REPORTING.into());
+    let rogue = DevCa::new(TD).unwrap();
+
+    let cases = [
+        ("no_client_cert", h.pki.anonymous()),
+        ("expired", h.pki.client_with(&expired, &[b"http/1.1"]).0),
+        ("bad_svid", h.pki.client_with(&two_uris, &[b"http/1.1"]).0),
+        (
+            "untrusted_chain",
+            h.pki.client_from(&rogue, &LeafSpec::svid(CHECKOUT), &[b"http/1.1"]).0,
+        ),
+    ];
+    for (reason, client) in cases {
+        let result = h.call(client, "GET", "/v1/payments/p1", &[]).await;
+        assert!(result.is_err(), "{reason}: handshake should be refused");
+        let metrics = h.running().metrics.clone();
+        eventually(reason, || metrics.tls_handshakes.with_label_values(&[reason]).get() == 1).await;
+    }
+    // The accept loop is undisturbed: a good client still gets through.
+    let ok = h.call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[]).await.unwrap();
+    assert_eq!(ok.status, 200);
+    assert!(h.service.received().len() == 1);
+
+    let text = h.scrape().await;
+    assert_eq!(sample(&text, r#"portcullis_tls_handshakes_total{result="expired"}"#), 1.0);
+    assert_eq!(sample(&text, r#"portcullis_tls_handshakes_total{result="ok"}"#), 1.0);
+
+    let events = h.stop().await;
+    let rejected: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "handshake_rejected")
+        .map(|e| e["detail"].as_str().unwrap())
+        .collect();
+    assert_eq!(rejected.len(), 4, "{rejected:?}");
+    for reason in ["no_client_cert", "expired", "bad_svid", "untrusted_chain"] {
+        assert!(rejected.iter().any(|d| d.starts_with(reason)), "{reason} not audited: {rejected:?}");
+    }
+}
+
+#[tokio::test]
+async fn upstream_down_gives_fast_503() {
+    let mut h = Harness::start().await;
+    // Replace the upstream with a port nothing listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let pki_config_dir = h.pki.dir.path().to_owned();
+    let mut config = h.pki.config(&shipped_policy(), dead_addr);
+    config.audit.path = pki_config_dir.join("audit2.log").display().to_string();
+    h.running.take().unwrap().shutdown().await;
+    let running = portcullis::app::start(config).await.unwrap();
+    let started = std::time::Instant::now();
+    let reply = portcullis::demo::call(
+        running.inbound_addr,
+        h.pki.client(CHECKOUT),
+        "GET",
+        "/v1/payments/p1",
+        &[],
+        "",
+    )
+    .await
+    .unwrap();
+    assert_eq!(reply.status, 503);
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"], "upstream_error");
+    assert_eq!(running.metrics.upstream_errors.with_label_values(&["connect"]).get(), 1);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn metrics_move_with_decisions() {
+    let h = Harness::start().await;
+    let before = h.scrape().await;
+    assert_eq!(sample(&before, r#"portcullis_requests_total{decision="allow",status="2xx"}"#), 0.0);
+    let checkout = h.pki.client(CHECKOUT);
+    for _ in 0..3 {
+        let r = h.call(checkout.clone(), "GET", "/v1/payments/p1", &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let r = h.call(checkout, "DELETE", "/v1/payments/p1", &[]).await.unwrap();
+    assert_eq!(r.status, 403);
+    let after = h.scrape().await;
+    assert_eq!(sample(&after, r#"portcullis_requests_total{decision="allow",status="2xx"}"#), 3.0);
+    assert_eq!(sample(&after, r#"portcullis_requests_total{decision="deny",status="4xx"}"#), 1.0);
+    assert_eq!(sample(&after, "portcullis_policy_evaluation_duration_seconds_count"), 4.0);
+    assert!(sample(&after, "portcullis_svid_expiry_timestamp_seconds") > 1.7e9);
+    assert_eq!(sample(&after, r#"portcullis_policy_reloads_total{result="ok"}"#), 1.0);
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_state() {
+    let h = Harness::start().await;
+    let admin = h.running().admin_addr;
+    assert_eq!(admin_get(admin, "/healthz").await.0, 200);
+    assert_eq!(admin_get(admin, "/readyz").await, (200, "ready\n".into()));
+    let (status, body) = admin_get(admin, "/policy").await;
+    assert_eq!(status, 200);
+    let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(policy["revision"], h.running().policy.load().revision.as_str());
+    assert!(policy["files"].as_array().unwrap().iter().any(|f| f == "authz.rego"));
+    let (status, body) = admin_get(admin, "/config").await;
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["identity"]["trust_domain"], TD);
+    assert_eq!(admin_get(admin, "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn policy_error_is_a_500_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("broken.rego"),
+        "package portcullis.authz\nimport rego.v1\nallow := {\"allowed\": \"yes\"}\n",
+    )
+    .unwrap();
+    let mut h = Harness::start_with(dir.path(), |_| {}).await;
+    let reply = h.call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[]).await.unwrap();
+    assert_eq!(reply.status, 500);
+    assert!(h.service.received().is_empty());
+    let events = h.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(reqs[0]["decision"]["allowed"], false);
+    assert!(reqs[0]["decision"]["reason"].as_str().unwrap().contains("allowed"));
+}
+
+#[tokio::test]
+async fn policy_may_choose_deny_status_and_add_upstream_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        r#"package portcullis.authz
+import rego.v1
+default allow := {"allowed": false, "http_status": 429, "reason": "slow down"}
+allow := {"allowed": true, "headers": {"x-caller-team": "shop"}} if {
+    input.attributes.request.http.method == "GET"
+}
+"#,
+    )
+    .unwrap();
+    let h = Harness::start_with(dir.path(), |_| {}).await;
+    let checkout = h.pki.client(CHECKOUT);
+    let r = h.call(checkout.clone(), "POST", "/x", &[]).await.unwrap();
+    assert_eq!(r.status, 429);
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["reason"], "slow down");
+    let r = h.call(checkout, "GET", "/x", &[("x-caller-team", "forged")]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(h.service.received()[0].headers["x-caller-team"], "shop");
+}
+
+#[tokio::test]
+async fn startup_refuses_bad_identity_and_policy_naming_the_cause() {
+    let pki = Pki::new();
+    let upstream = "127.0.0.1:9".parse().unwrap();
+
+    let mut c = pki.config(&shipped_policy(), upstream);
+    let other = pki.ca.issue(&LeafSpec::svid(SIDECAR)).unwrap();
+    let wrong_key = pki.dir.path().join("other.key");
+    std::fs::write(&wrong_key, &other.key_pem).unwrap();
+    c.identity.key = wrong_key.clone();
+    let err = portcullis::app::start(c).await.err().unwrap().to_string();
+    assert!(err.contains("does not match") && err.contains("other.key"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bad.rego"), "package portcullis.authz\nallow if {\n").unwrap();
+    let c = pki.config(dir.path(), upstream);
+    let err = portcullis::app::start(c).await.err().unwrap().to_string();
+    assert!(err.contains("bad.rego"), "{err}");
+
+    let mut c = pki.config(&shipped_policy(), upstream);
+    c.identity.trust_domain = "other.example".into();
+    let err = portcullis::app::start(c).await.err().unwrap().to_string();
+    assert!(err.contains("trust domain"), "{err}");
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    // An upstream that answers only when told to, so a request is provably
+    // in flight while the drain starts.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel();
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read(&mut buf).await.unwrap();
+        arrived_tx.send(()).unwrap();
+        release_rx.await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone").await.unwrap();
+    });
+    let pki = Pki::new();
+    let config = pki.config(&shipped_policy(), upstream);
+    let audit_path = std::path::PathBuf::from(&config.audit.path);
+    let running = portcullis::app::start(config).await.unwrap();
+    let addr = running.inbound_addr;
+    let call = tokio::spawn(portcullis::demo::call(addr, pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[], ""));
+    arrived_rx.await.unwrap();
+    let shutdown = tokio::spawn(running.shutdown());
+    // New connections are refused once draining has begun.
+    let admin_probe = async {
+        for _ in 0..500 {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        false
+    };
+    assert!(admin_probe.await, "listener still accepting while draining");
+    release_tx.send(()).unwrap();
+    let reply = call.await.unwrap().unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(&reply.body[..], b"done");
+    assert!(shutdown.await.unwrap(), "drain did not complete");
+    let text = std::fs::read_to_string(audit_path).unwrap();
+    assert!(portcullis::audit::verify(&text).is_ok());
+    assert!(text.lines().last().unwrap().contains("\"kind\":\"shutdown\""));
+    assert!(text.contains("\"status\":200"));
+}
