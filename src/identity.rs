@@ -1,0 +1,5 @@
+//! Workload identities.
+
+mod spiffe_id;
+
+pub use spiffe_id::{SpiffeId, SpiffeIdError};
