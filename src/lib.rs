@@ -1,4 +1,5 @@
 //! Portcullis: a zero-trust sidecar proxy for payment services.
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod identity;
