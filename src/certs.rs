@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
@@ -108,6 +108,30 @@ impl DevCa {
     /// build certificates that the verifier must refuse.
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, Error> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let cert = self.sign(spec, &key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        })
+    }
+
+    /// Certifies a public key we hold no private key for, so tests can build
+    /// leaves with keys rcgen cannot generate (such as weak RSA keys).
+    pub fn sign_public_key(
+        &self,
+        spec: &LeafSpec,
+        public_key: &impl PublicKeyData,
+    ) -> Result<CertificateDer<'static>, Error> {
+        Ok(self.sign(spec, public_key)?.der().clone())
+    }
+
+    fn sign(
+        &self,
+        spec: &LeafSpec,
+        public_key: &impl PublicKeyData,
+    ) -> Result<rcgen::Certificate, Error> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Portcullis dev");
@@ -131,13 +155,7 @@ impl DevCa {
         params.key_usages = spec.key_usages.clone();
         params.extended_key_usages = spec.extended_key_usages.clone();
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().clone(),
-            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
-        })
+        Ok(params.signed_by(public_key, &self.issuer)?)
     }
 }
 

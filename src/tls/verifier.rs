@@ -250,13 +250,31 @@ fn check_leaf_rules(cert: &X509Certificate<'_>, usage: SvidUsage) -> Result<(), 
         }
     }
 
-    if let Ok(PublicKey::RSA(rsa)) = cert.public_key().parsed() {
-        let bits = rsa.key_size();
+    // A key we cannot parse is a key we cannot judge: refuse it.
+    let key = cert
+        .public_key()
+        .parsed()
+        .map_err(|e| malformed("subjectPublicKeyInfo", e))?;
+    if let PublicKey::RSA(rsa) = key {
+        let bits = rsa_modulus_bits(rsa.modulus);
         if bits < MIN_RSA_BITS {
             return Err(SvidError::WeakKey { bits });
         }
     }
     Ok(())
+}
+
+/// Counted here because x509-parser's `key_size()` assumes a leading zero
+/// byte and misreports moduli encoded without one.
+fn rsa_modulus_bits(modulus: &[u8]) -> usize {
+    let significant = match modulus.iter().position(|b| *b != 0) {
+        Some(i) => &modulus[i..],
+        None => return 0,
+    };
+    match significant.first() {
+        Some(first) => significant.len() * 8 - first.leading_zeros() as usize,
+        None => 0,
+    }
 }
 
 /// The SPIFFE ID of an already verified leaf, for use after the handshake.
@@ -629,6 +647,102 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err, SvidError::EkuExcludesUsage("serverAuth"));
+    }
+
+    /// A public key rcgen can certify but never generate: RSA with any modulus.
+    struct RsaPublicKey(Vec<u8>);
+
+    impl RsaPublicKey {
+        fn with_bits(bits: usize) -> Self {
+            // A minimally encoded positive INTEGER whose top bit is bit `bits`.
+            let mut modulus = vec![0xffu8; bits.div_ceil(8)];
+            modulus[0] = 0xff >> (modulus.len() * 8 - bits);
+            if modulus[0] & 0x80 != 0 {
+                modulus.insert(0, 0);
+            }
+            Self::from_modulus(&modulus)
+        }
+
+        fn from_modulus(modulus: &[u8]) -> Self {
+            let mut body = der(0x02, modulus);
+            body.extend(der(0x02, &[0x01, 0x00, 0x01]));
+            RsaPublicKey(der(0x30, &body))
+        }
+    }
+
+    fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let len = content.len();
+        if len < 0x80 {
+            out.push(len as u8);
+        } else {
+            let bytes: Vec<u8> = len
+                .to_be_bytes()
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect();
+            out.push(0x80 | bytes.len() as u8);
+            out.extend(bytes);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    impl rcgen::PublicKeyData for RsaPublicKey {
+        fn der_bytes(&self) -> &[u8] {
+            &self.0
+        }
+
+        fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+            &rcgen::PKCS_RSA_SHA256
+        }
+    }
+
+    #[test]
+    fn weak_rsa_leaf_key_is_refused() {
+        let fx = fixture();
+        let spec = LeafSpec::svid(ID);
+        let verify = |bits| {
+            let der = fx
+                .ca
+                .sign_public_key(&spec, &RsaPublicKey::with_bits(bits))
+                .unwrap();
+            verify_svid(&[der], &fx.bundles, UnixTime::now(), SvidUsage::Client)
+        };
+        for bits in [1024, 2047] {
+            let err = verify(bits).unwrap_err();
+            assert_eq!(err, SvidError::WeakKey { bits });
+            assert_eq!(err.failure(), HandshakeFailure::BadSvid);
+        }
+        assert_eq!(verify(2048).unwrap().as_str(), ID);
+    }
+
+    #[test]
+    fn unparseable_leaf_key_is_refused() {
+        // Non-minimal INTEGER (00 7f ...): the key cannot be judged, so it
+        // must not slip past the weak-key rule.
+        let fx = fixture();
+        let mut modulus = vec![0x00, 0x7f];
+        modulus.extend([0xff; 255]);
+        let der = fx
+            .ca
+            .sign_public_key(&LeafSpec::svid(ID), &RsaPublicKey::from_modulus(&modulus))
+            .unwrap();
+        let err = verify_svid(&[der], &fx.bundles, UnixTime::now(), SvidUsage::Client).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::Malformed(m) if m.contains("subjectPublicKeyInfo")),
+            "{err:?}"
+        );
+        assert_eq!(err.failure(), HandshakeFailure::BadSvid);
+    }
+
+    #[test]
+    fn rsa_modulus_bits_counts_significant_bits() {
+        assert_eq!(rsa_modulus_bits(&[]), 0);
+        assert_eq!(rsa_modulus_bits(&[0, 0]), 0);
+        assert_eq!(rsa_modulus_bits(&[0x00, 0x80, 0x00]), 16);
+        assert_eq!(rsa_modulus_bits(&[0x7f, 0x00]), 15);
+        assert_eq!(rsa_modulus_bits(&[0x01]), 1);
     }
 
     #[test]
