@@ -243,7 +243,10 @@ mod tests {
             ("spiffe://", E::EmptyTrustDomain),
             ("spiffe://user@td/a", E::UserInfo),
             ("spiffe://td:443/a", E::Port),
-            ("spiffe://Pay.example/a", E::UppercaseTrustDomain { ch: 'P' }),
+            (
+                "spiffe://Pay.example/a",
+                E::UppercaseTrustDomain { ch: 'P' },
+            ),
             ("spiffe://td!/a", E::TrustDomainChar { ch: '!' }),
             ("spiffe://t d/a", E::TrustDomainChar { ch: ' ' }),
             ("spiffe://tд/a", E::TrustDomainChar { ch: 'д' }),
