@@ -251,6 +251,21 @@ impl DevSet {
     pub fn workload(&self, name: &str) -> Option<&DevWorkload> {
         self.workloads.iter().find(|w| w.name == name)
     }
+
+    /// Every SVID written, the intruder included, as (name, cert, key).
+    pub fn svids(&self) -> impl Iterator<Item = (&str, &Path, &Path)> + '_ {
+        self.workloads
+            .iter()
+            .chain(std::iter::once(&self.intruder))
+            .map(|w| (w.name.as_str(), w.cert.as_path(), w.key.as_path()))
+    }
+
+    /// The certificate and key files of `name` (the intruder included).
+    pub fn svid(&self, name: &str) -> Option<(&Path, &Path)> {
+        self.svids()
+            .find(|(n, _, _)| *n == name)
+            .map(|(_, cert, key)| (cert, key))
+    }
 }
 
 /// Writes `bundle.pem` and `<name>-svid.pem` / `<name>-svid.key` for every dev

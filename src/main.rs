@@ -194,7 +194,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .transpose()
                 .context("--run is not a valid regular expression")?;
             let report = policy::testing::run_tests(&dir, filter.as_ref())?;
-            print!("{}", report.render(verbose));
+            print_report(&report, verbose);
             Ok(if report.all_passed() {
                 ExitCode::SUCCESS
             } else {
@@ -228,6 +228,29 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             eprintln!("evaluated in {took:?}");
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `opa test` style: failures always, passes with -v, then a summary line.
+fn print_report(report: &policy::testing::TestReport, verbose: bool) {
+    for t in &report.results {
+        if t.passed && verbose {
+            println!("PASS {} ({:?})", t.path, t.duration);
+        } else if !t.passed {
+            println!(
+                "FAIL {} at {}:{}: {}",
+                t.path,
+                t.file,
+                t.line,
+                t.failure.as_deref().unwrap_or("failed")
+            );
+        }
+    }
+    let total = report.passed + report.failed;
+    if report.failed == 0 {
+        println!("PASS: {}/{total}", report.passed);
+    } else {
+        println!("FAIL: {}/{total} failed", report.failed);
     }
 }
 

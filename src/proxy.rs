@@ -443,6 +443,11 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            // The caller can quote this id to find the decision in the
+            // audit trail.
+            if let Ok(v) = HeaderValue::from_str(&request_id) {
+                parts.headers.insert(X_REQUEST_ID, v);
+            }
             let resp = Response::from_parts(parts, Either::Left(body));
             return finish(record, "allow", true, reason, resp);
         }

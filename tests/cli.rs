@@ -123,7 +123,7 @@ async fn curl_with_client_certificates_against_the_running_binary() {
     let curl = Curl { certs: certs.clone(), port: inbound.port() };
 
     let (code, body, status) = curl
-        .call(Some("checkout"), &["-X", "POST", "-H", "idempotency-key: k1", "-H", "x-spiffe-id: spiffe://pay.example/ns/finance/sa/reporting", "-d", "{}"], "/v1/payments")
+        .call(Some("checkout"), &["--http1.1", "-X", "POST", "-H", "idempotency-key: k1", "-H", "x-spiffe-id: spiffe://pay.example/ns/finance/sa/reporting", "-d", "{}"], "/v1/payments")
         .await;
     assert_eq!((code, status.as_str()), (0, "200 1.1"), "{body}");
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -132,7 +132,7 @@ async fn curl_with_client_certificates_against_the_running_binary() {
     let (code, body, status) = curl.call(Some("reporting"), &["--http2"], "/v1/reports/daily").await;
     assert_eq!((code, status.as_str()), (0, "200 2"), "{body}");
 
-    let (code, body, status) = curl.call(Some("frontend"), &["-X", "POST"], "/v1/payments").await;
+    let (code, body, status) = curl.call(Some("frontend"), &["--http1.1", "-X", "POST"], "/v1/payments").await;
     assert_eq!((code, status.as_str()), (0, "403 1.1"));
     let denied: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert!(denied["reason"].as_str().unwrap().contains("frontend"), "{body}");

@@ -91,7 +91,7 @@ async fn http2_is_served_and_forwarded() {
 async fn unsafe_paths_are_refused_before_policy_and_safe_ones_normalised() {
     let mut h = Harness::start().await;
     let reporting = h.pki.client(REPORTING);
-    for bad in ["/v1/reports/..%2Fpayments", "/v1/reports/../../etc", "/v1/reports/..;/payments"] {
+    for bad in ["/v1/reports/..%2Fpayments", "/v1/../../etc", "/v1/reports/..;/payments"] {
         let reply = h.call(reporting.clone(), "GET", bad, &[]).await.unwrap();
         assert_eq!(reply.status, 400, "{bad}");
     }
