@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 
+use crate::admin;
 use crate::audit::{self, Event, Kind};
 use crate::config::{self, Config};
 use crate::drain;
@@ -19,7 +20,6 @@ use crate::identity;
 use crate::metrics::Metrics;
 use crate::policy::{self, PolicySnapshot};
 use crate::proxy::{self, Limits, Shared, Upstream};
-use crate::admin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

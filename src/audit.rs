@@ -127,11 +127,12 @@ pub fn timestamp(t: SystemTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    t.format(&format).unwrap_or_else(|_| t.unix_timestamp().to_string())
+    t.format(&format)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
 enum Msg {
-    Event(Event),
+    Event(Box<Event>),
     Finish,
 }
 
@@ -189,7 +190,7 @@ impl AuditSink {
     /// rejections, lifecycle events). A full queue drops it, counted and
     /// logged, never silently.
     pub fn record(&self, event: Event) {
-        if let Err(e) = self.tx.try_send(Msg::Event(event)) {
+        if let Err(e) = self.tx.try_send(Msg::Event(Box::new(event))) {
             self.metrics.audit_dropped.inc();
             let kind = match &e {
                 mpsc::error::TrySendError::Full(Msg::Event(ev))
@@ -230,7 +231,7 @@ impl RequestRecord {
             let mut event = self.event.clone();
             event.response = Some(Response { status });
             event.duration_us = Some(self.started.elapsed().as_micros() as u64);
-            permit.send(Msg::Event(event));
+            permit.send(Msg::Event(Box::new(event)));
         }
     }
 }
@@ -265,7 +266,7 @@ fn write_loop(mut rx: mpsc::Receiver<Msg>, out: Box<dyn Write + Send>, metrics: 
     while let Some(msg) = rx.blocking_recv() {
         let finish = matches!(msg, Msg::Finish);
         if let Msg::Event(event) = msg {
-            let line = chain.seal(event);
+            let line = chain.seal(*event);
             match out.write_all(line.as_bytes()) {
                 Ok(()) => metrics.audit_written.inc(),
                 Err(e) => {
@@ -344,7 +345,10 @@ pub fn verify(text: &str) -> Result<u64, (usize, String)> {
             .ok_or((n, "hash is not the last field".to_string()))?;
         let recomputed = hex::encode(Sha256::digest(format!("{body}}}").as_bytes()));
         if recomputed != hash {
-            return Err((n, "hash does not match the line: the line was edited".into()));
+            return Err((
+                n,
+                "hash does not match the line: the line was edited".into(),
+            ));
         }
         let line_prev = value.get("prev").and_then(|p| p.as_str()).unwrap_or("");
         if line_prev != prev {
@@ -447,7 +451,7 @@ fn luhn(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 #[cfg(test)]
@@ -486,10 +490,19 @@ mod tests {
             "/v1/cards/411111******1111/charge"
         );
         assert_eq!(redact_pans("4111-1111-1111-1111"), "411111******1111");
-        assert_eq!(redact_pans("pan=5500 0000 0000 0004&x=1"), "pan=550000******0004&x=1");
+        assert_eq!(
+            redact_pans("pan=5500 0000 0000 0004&x=1"),
+            "pan=550000******0004&x=1"
+        );
         // Not Luhn-valid, or too short / too long: an order id, left alone.
-        assert_eq!(redact_pans("/v1/orders/4111111111111112"), "/v1/orders/4111111111111112");
-        assert_eq!(redact_pans("/v1/payments/123456789012"), "/v1/payments/123456789012");
+        assert_eq!(
+            redact_pans("/v1/orders/4111111111111112"),
+            "/v1/orders/4111111111111112"
+        );
+        assert_eq!(
+            redact_pans("/v1/payments/123456789012"),
+            "/v1/payments/123456789012"
+        );
         assert_eq!(
             redact_pans("41111111111111111111111"),
             "41111111111111111111111"
@@ -511,8 +524,10 @@ mod tests {
         writer.finish().await;
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(verify(&text), Ok(3));
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines[1]["request_id"], "r1");
         assert_eq!(lines[1]["response"]["status"], 200);
         assert_eq!(lines[2]["response"]["status"], 499);
@@ -523,7 +538,10 @@ mod tests {
     async fn full_queue_refuses_reservations() {
         let metrics = Arc::new(Metrics::new(&prometheus::Registry::new()).unwrap());
         let (tx, _rx) = mpsc::channel(1);
-        let sink = AuditSink { tx, metrics: metrics.clone() };
+        let sink = AuditSink {
+            tx,
+            metrics: metrics.clone(),
+        };
         let held = sink.reserve(Event::new(Kind::Request));
         assert!(held.is_some());
         assert!(sink.reserve(Event::new(Kind::Request)).is_none());

@@ -253,8 +253,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), Error> {
         upstream_addr(&self.inbound.upstream)?;
         let positive = [
-            ("inbound.max_connections", self.inbound.max_connections as u64),
-            ("inbound.handshake_timeout_ms", self.inbound.handshake_timeout_ms),
+            (
+                "inbound.max_connections",
+                self.inbound.max_connections as u64,
+            ),
+            (
+                "inbound.handshake_timeout_ms",
+                self.inbound.handshake_timeout_ms,
+            ),
             (
                 "inbound.header_read_timeout_ms",
                 self.inbound.header_read_timeout_ms,
@@ -263,7 +269,10 @@ impl Config {
                 "inbound.upstream_connect_timeout_ms",
                 self.inbound.upstream_connect_timeout_ms,
             ),
-            ("inbound.upstream_timeout_ms", self.inbound.upstream_timeout_ms),
+            (
+                "inbound.upstream_timeout_ms",
+                self.inbound.upstream_timeout_ms,
+            ),
             ("policy.eval_timeout_ms", self.policy.eval_timeout_ms),
             ("audit.queue_capacity", self.audit.queue_capacity as u64),
         ];
@@ -343,9 +352,9 @@ fn upstream_addr(url: &str) -> Result<SocketAddr, Error> {
         key: "inbound.upstream".into(),
         message: format!("{url:?} {message}"),
     };
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| invalid("must start with http:// (plain HTTP to the local service)".into()))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        invalid("must start with http:// (plain HTTP to the local service)".into())
+    })?;
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.contains(['/', '?', '#', '@']) {
         return Err(invalid(
@@ -448,8 +457,11 @@ mod tests {
     fn env_overrides_file_and_flags_override_env() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.toml");
-        std::fs::write(&path, "[inbound]\nlisten = \"127.0.0.1:1\"\n[audit]\npath = \"a.log\"\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "[inbound]\nlisten = \"127.0.0.1:1\"\n[audit]\npath = \"a.log\"\n",
+        )
+        .unwrap();
         let env = |k: &str| match k {
             "PORTCULLIS_INBOUND_LISTEN" => Some("127.0.0.1:2".to_string()),
             "PORTCULLIS_AUDIT_PATH" => Some("b.log".to_string()),
@@ -462,7 +474,10 @@ mod tests {
 
         let bad = |k: &str| (k == "PORTCULLIS_ADMIN_LISTEN").then(|| "nope".to_string());
         let err = Config::load(&path, &bad, &[]).unwrap_err().to_string();
-        assert!(err.contains("admin.listen") && err.contains("PORTCULLIS_ADMIN_LISTEN"), "{err}");
+        assert!(
+            err.contains("admin.listen") && err.contains("PORTCULLIS_ADMIN_LISTEN"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -477,7 +492,11 @@ mod tests {
             "{err}"
         );
         c.inbound.upstream = "http://10.1.2.3:80".into();
-        assert!(c.validate().unwrap_err().to_string().contains("inbound.upstream"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("inbound.upstream"));
     }
 
     #[test]
@@ -496,4 +515,3 @@ mod tests {
         assert!(c.set("inbound.nope", "1", "test").is_err());
     }
 }
-

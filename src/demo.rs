@@ -49,7 +49,10 @@ fn step<E: std::error::Error>(step: &str) -> impl Fn(E) -> Error + '_ {
 /// The shipped policy, embedded so the demo runs from any directory.
 pub const SHIPPED_POLICY: &[(&str, &str)] = &[
     ("authz.rego", include_str!("../policies/authz.rego")),
-    ("authz_test.rego", include_str!("../policies/authz_test.rego")),
+    (
+        "authz_test.rego",
+        include_str!("../policies/authz_test.rego"),
+    ),
     ("data.json", include_str!("../policies/data.json")),
 ];
 
@@ -101,10 +104,7 @@ impl DemoService {
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.received
-            .lock()
-            .map(|r| r.clone())
-            .unwrap_or_default()
+        self.received.lock().map(|r| r.clone()).unwrap_or_default()
     }
 }
 
@@ -162,7 +162,11 @@ pub struct Reply {
 
 /// The client side of a dev SVID: presents `name`'s certificate and
 /// verifies the sidecar against the dev bundle.
-pub fn client_for(set: &DevSet, name: &str, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, Error> {
+pub fn client_for(
+    set: &DevSet,
+    name: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, Error> {
     let (cert, key) = set.svid(name).ok_or_else(|| Error::Step {
         step: "client".into(),
         message: format!("no dev SVID named {name}"),
@@ -179,7 +183,9 @@ pub fn anonymous_client(set: &DevSet) -> Result<Arc<rustls::ClientConfig>, Error
     let mut roots = rustls::RootCertStore::empty();
     for td in bundles.domains() {
         for anchor in bundles.get(td).unwrap_or_default() {
-            roots.add(anchor.clone()).map_err(step("anonymous client"))?;
+            roots
+                .add(anchor.clone())
+                .map_err(step("anonymous client"))?;
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
@@ -217,7 +223,9 @@ pub async fn call(
     builder = if h2 {
         builder.uri(format!("https://localhost:{}{path}", addr.port()))
     } else {
-        builder.uri(path).header("host", format!("localhost:{}", addr.port()))
+        builder
+            .uri(path)
+            .header("host", format!("localhost:{}", addr.port()))
     };
     for (k, v) in headers {
         builder = builder.header(*k, *v);
@@ -299,7 +307,10 @@ const SCENARIOS: &[Scenario] = &[
         what: "checkout creates a payment",
         method: "POST",
         path: "/v1/payments",
-        headers: &[("content-type", "application/json"), ("idempotency-key", "order-1001")],
+        headers: &[
+            ("content-type", "application/json"),
+            ("idempotency-key", "order-1001"),
+        ],
         body: r#"{"amount":4200,"currency":"EUR"}"#,
         h2: false,
         expect: Some(200),
@@ -309,7 +320,10 @@ const SCENARIOS: &[Scenario] = &[
         what: "checkout forges x-spiffe-id, over HTTP/2",
         method: "GET",
         path: "/v1/payments/pay_1001",
-        headers: &[("x-spiffe-id", "spiffe://pay.example/ns/finance/sa/reporting")],
+        headers: &[(
+            "x-spiffe-id",
+            "spiffe://pay.example/ns/finance/sa/reporting",
+        )],
         body: "",
         h2: true,
         expect: Some(200),
@@ -408,7 +422,10 @@ pub async fn run() -> Result<(), Error> {
     let audit_path = dir.path().join("audit.log");
     let service = DemoService::start().await.map_err(step("demo service"))?;
     println!("== Portcullis demo ==");
-    println!("dev CA and SVIDs for trust domain pay.example in {}", set.bundle.parent().unwrap_or(dir.path()).display());
+    println!(
+        "dev CA and SVIDs for trust domain pay.example in {}",
+        set.bundle.parent().unwrap_or(dir.path()).display()
+    );
     println!("demo payment service on http://{}", service.addr);
 
     let config = dev_config(&set, &policy_dir, service.addr, &audit_path);
@@ -425,7 +442,11 @@ pub async fn run() -> Result<(), Error> {
     let mut failures = Vec::new();
     for scenario in SCENARIOS {
         let want = scenario.expect;
-        let alpn: &[&[u8]] = if scenario.h2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let alpn: &[&[u8]] = if scenario.h2 {
+            &[b"h2"]
+        } else {
+            &[b"http/1.1"]
+        };
         let client = if scenario.caller.starts_with('(') {
             anonymous_client(&set)?
         } else {
@@ -442,10 +463,17 @@ pub async fn run() -> Result<(), Error> {
         )
         .await;
         let reached = service.received().len() > before;
-        println!("-> {} ({} {})", scenario.what, scenario.method, scenario.path);
+        println!(
+            "-> {} ({} {})",
+            scenario.what, scenario.method, scenario.path
+        );
         let got = match &result {
             Ok(reply) => {
-                let verdict = if reply.status.is_success() { "ALLOWED" } else { "REFUSED" };
+                let verdict = if reply.status.is_success() {
+                    "ALLOWED"
+                } else {
+                    "REFUSED"
+                };
                 println!("   {verdict} {} {:?}", reply.status.as_u16(), reply.version);
                 println!("   body: {}", String::from_utf8_lossy(&reply.body));
                 Some(reply.status.as_u16())
@@ -470,7 +498,10 @@ pub async fn run() -> Result<(), Error> {
                     last.uri,
                     show("x-spiffe-id")
                 );
-                println!("   x-forwarded-client-cert: {}", show("x-forwarded-client-cert"));
+                println!(
+                    "   x-forwarded-client-cert: {}",
+                    show("x-forwarded-client-cert")
+                );
             }
         } else {
             println!("   service received nothing");
@@ -526,7 +557,9 @@ pub async fn run() -> Result<(), Error> {
         failures.push("shutdown did not drain in time".into());
     }
     if failures.is_empty() {
-        println!("demo finished: every decision matched the shipped policy; sidecar shut down cleanly");
+        println!(
+            "demo finished: every decision matched the shipped policy; sidecar shut down cleanly"
+        );
         Ok(())
     } else {
         Err(Error::Step {

@@ -77,13 +77,12 @@ pub fn load_files(cfg: &config::Identity) -> Result<IdentitySnapshot, Error> {
     let chain = read_certs("identity.cert", &cfg.cert)?;
     let key = read_key("identity.key", &cfg.key)?;
     let bundle_pem = read("identity.bundle", &cfg.bundle)?;
-    let bundles = TrustBundles::from_pem(&cfg.trust_domain, &bundle_pem).map_err(|e| {
-        Error::Pem {
+    let bundles =
+        TrustBundles::from_pem(&cfg.trust_domain, &bundle_pem).map_err(|e| Error::Pem {
             key: "identity.bundle",
             path: cfg.bundle.clone(),
             message: e.to_string(),
-        }
-    })?;
+        })?;
     build(chain, key, Arc::new(bundles), cfg)
 }
 

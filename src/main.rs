@@ -132,7 +132,11 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own story; info logs would bury it.
-    init_logging(if matches!(cli.command, Command::Demo) { "warn" } else { "info" });
+    init_logging(if matches!(cli.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    });
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {

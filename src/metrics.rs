@@ -12,12 +12,12 @@ use prometheus::{
 pub use prometheus::Error;
 
 const LATENCY_BUCKETS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 const POLICY_BUCKETS: &[f64] = &[
-    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01,
-    0.05, 0.1,
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.01, 0.05,
+    0.1,
 ];
 
 #[derive(Clone)]
@@ -87,10 +87,7 @@ impl Metrics {
                 "Unix time at which the sidecar's own SVID expires",
             )?,
             policy_reloads: IntCounterVec::new(
-                Opts::new(
-                    "portcullis_policy_reloads_total",
-                    "Policy loads by result",
-                ),
+                Opts::new("portcullis_policy_reloads_total", "Policy loads by result"),
                 &["result"],
             )?,
             audit_written: IntCounter::new(

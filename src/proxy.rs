@@ -153,20 +153,24 @@ async fn handle_connection(
     // handshakes that start after it.
     let identity = shared.identity.load_full();
     let acceptor = TlsAcceptor::from(identity.server_config.clone());
-    let stream = match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp))
-        .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            let (failure, message) = tls::classify_handshake_error(&e);
-            reject_handshake(shared, peer_addr, failure.label(), &message);
-            return;
-        }
-        Err(_) => {
-            reject_handshake(shared, peer_addr, "timeout", "handshake did not finish in time");
-            return;
-        }
-    };
+    let stream =
+        match tokio::time::timeout(shared.limits.handshake_timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                let (failure, message) = tls::classify_handshake_error(&e);
+                reject_handshake(shared, peer_addr, failure.label(), &message);
+                return;
+            }
+            Err(_) => {
+                reject_handshake(
+                    shared,
+                    peer_addr,
+                    "timeout",
+                    "handshake did not finish in time",
+                );
+                return;
+            }
+        };
     let (_, conn) = stream.get_ref();
     let Some(peer) = tls::peer_identity(conn) else {
         reject_handshake(
@@ -181,7 +185,11 @@ async fn handle_connection(
         Some(b"h2") => "HTTP/2",
         _ => "HTTP/1.1",
     };
-    shared.metrics.tls_handshakes.with_label_values(&["ok"]).inc();
+    shared
+        .metrics
+        .tls_handshakes
+        .with_label_values(&["ok"])
+        .inc();
     tracing::debug!(peer = %peer_addr, spiffe_id = %peer.spiffe_id, protocol, "connection authenticated");
 
     let ctx = Arc::new(ConnCtx {
@@ -206,7 +214,9 @@ async fn handle_connection(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(shared.limits.max_header_list_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(
+            u32::try_from(shared.limits.max_header_list_bytes).unwrap_or(u32::MAX),
+        );
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -576,7 +586,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_listed_headers_are_removed() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("content-type", HeaderValue::from_static("application/json"));

@@ -83,7 +83,11 @@ impl Curl {
         let out = cmd.output().await.unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
-        (out.status.code().unwrap_or(-1), body.to_owned(), status.to_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            body.to_owned(),
+            status.to_owned(),
+        )
     }
 }
 
@@ -105,11 +109,19 @@ async fn curl_with_client_certificates_against_the_running_binary() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     // The readiness signal: the log line that names the bound addresses.
     let (inbound, admin) = loop {
-        let line = lines.next_line().await.unwrap().expect("portcullis exited before ready");
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("portcullis exited before ready");
         if let Some(rest) = line.split("portcullis ready inbound=").nth(1) {
             let mut parts = rest.split_whitespace();
             let inbound: std::net::SocketAddr = parts.next().unwrap().parse().unwrap();
-            let admin = parts.next().unwrap().trim_start_matches("admin=").to_owned();
+            let admin = parts
+                .next()
+                .unwrap()
+                .trim_start_matches("admin=")
+                .to_owned();
             break (inbound, admin);
         }
     };
@@ -120,28 +132,60 @@ async fn curl_with_client_certificates_against_the_running_binary() {
         }
         all
     });
-    let curl = Curl { certs: certs.clone(), port: inbound.port() };
+    let curl = Curl {
+        certs: certs.clone(),
+        port: inbound.port(),
+    };
 
     let (code, body, status) = curl
-        .call(Some("checkout"), &["--http1.1", "-X", "POST", "-H", "idempotency-key: k1", "-H", "x-spiffe-id: spiffe://pay.example/ns/finance/sa/reporting", "-d", "{}"], "/v1/payments")
+        .call(
+            Some("checkout"),
+            &[
+                "--http1.1",
+                "-X",
+                "POST",
+                "-H",
+                "idempotency-key: k1",
+                "-H",
+                "x-spiffe-id: spiffe://pay.example/ns/finance/sa/reporting",
+                "-d",
+                "{}",
+            ],
+            "/v1/payments",
+        )
         .await;
     assert_eq!((code, status.as_str()), (0, "200 1.1"), "{body}");
     let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(reply["caller"], "spiffe://pay.example/ns/shop/sa/checkout");
 
-    let (code, body, status) = curl.call(Some("reporting"), &["--http2"], "/v1/reports/daily").await;
+    let (code, body, status) = curl
+        .call(Some("reporting"), &["--http2"], "/v1/reports/daily")
+        .await;
     assert_eq!((code, status.as_str()), (0, "200 2"), "{body}");
 
-    let (code, body, status) = curl.call(Some("frontend"), &["--http1.1", "-X", "POST"], "/v1/payments").await;
+    let (code, body, status) = curl
+        .call(
+            Some("frontend"),
+            &["--http1.1", "-X", "POST"],
+            "/v1/payments",
+        )
+        .await;
     assert_eq!((code, status.as_str()), (0, "403 1.1"));
     let denied: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert!(denied["reason"].as_str().unwrap().contains("frontend"), "{body}");
+    assert!(
+        denied["reason"].as_str().unwrap().contains("frontend"),
+        "{body}"
+    );
 
     let (code, _, _) = curl.call(None, &[], "/v1/payments/p1").await;
     assert_ne!(code, 0, "a caller without a certificate must be refused");
     let (code, _, _) = curl.call(Some("intruder"), &[], "/v1/payments/p1").await;
     assert_ne!(code, 0, "a certificate from a rogue CA must be refused");
-    assert_eq!(service.received().len(), 2, "only the two allowed calls reach the service");
+    assert_eq!(
+        service.received().len(),
+        2,
+        "only the two allowed calls reach the service"
+    );
 
     let scrape = Command::new("curl")
         .args(["-sS", &format!("http://{admin}/metrics")])
@@ -149,11 +193,18 @@ async fn curl_with_client_certificates_against_the_running_binary() {
         .await
         .unwrap();
     let metrics = String::from_utf8_lossy(&scrape.stdout);
-    assert!(metrics.contains(r#"portcullis_requests_total{decision="allow",status="2xx"} 2"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"portcullis_requests_total{decision="allow",status="2xx"} 2"#),
+        "{metrics}"
+    );
     assert!(metrics.contains(r#"portcullis_requests_total{decision="deny",status="4xx"} 1"#));
 
     let pid = child.id().unwrap().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
     assert!(killed.success());
     let status = child.wait().await.unwrap();
     assert!(status.success(), "SIGTERM must end in exit 0, got {status}");
@@ -164,16 +215,26 @@ async fn curl_with_client_certificates_against_the_running_binary() {
     let (ok, out, _) = portcullis(&["audit", "verify", audit.to_str().unwrap()]).await;
     assert!(ok, "{out}");
     let text = std::fs::read_to_string(&audit).unwrap();
-    let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let kinds = |k: &str| events.iter().filter(|e| e["kind"] == k).count();
     assert_eq!(kinds("request"), 3);
     assert_eq!(kinds("handshake_rejected"), 2);
     assert_eq!(kinds("startup"), 1);
     assert_eq!(kinds("shutdown"), 1);
-    assert!(out.contains(&format!("{} events verified", events.len())), "{out}");
+    assert!(
+        out.contains(&format!("{} events verified", events.len())),
+        "{out}"
+    );
 
     // Tampering is detected.
-    std::fs::write(&audit, text.replacen("\"allowed\":false", "\"allowed\":true", 1)).unwrap();
+    std::fs::write(
+        &audit,
+        text.replacen("\"allowed\":false", "\"allowed\":true", 1),
+    )
+    .unwrap();
     let (ok, out, _) = portcullis(&["audit", "verify", audit.to_str().unwrap()]).await;
     assert!(!ok, "{out}");
     assert!(out.contains("edited"), "{out}");
@@ -183,7 +244,11 @@ async fn curl_with_client_certificates_against_the_running_binary() {
 async fn config_check_names_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
-    assert!(portcullis(&["certs", "dev", "--out", certs.to_str().unwrap()]).await.0);
+    assert!(
+        portcullis(&["certs", "dev", "--out", certs.to_str().unwrap()])
+            .await
+            .0
+    );
     let cfg = |extra: &str, upstream: &str| write_config(dir.path(), &certs, upstream, extra);
     let check = |path: PathBuf| async move {
         portcullis(&["config", "check", "--config", path.to_str().unwrap()]).await
@@ -191,7 +256,10 @@ async fn config_check_names_the_problem() {
 
     let (ok, out, err) = check(cfg("", "http://127.0.0.1:8080")).await;
     assert!(ok, "{err}");
-    assert!(out.contains("config ok") && out.contains("spiffe://pay.example/ns/pay/sa/payments"), "{out}");
+    assert!(
+        out.contains("config ok") && out.contains("spiffe://pay.example/ns/pay/sa/payments"),
+        "{out}"
+    );
 
     let (ok, _, err) = check(cfg("upstreem = 1", "http://127.0.0.1:8080")).await;
     assert!(!ok && err.contains("upstreem"), "{err}");
@@ -201,13 +269,23 @@ async fn config_check_names_the_problem() {
 
     let path = cfg("", "http://127.0.0.1:8080");
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(&path, text.replace("payments-svid.key", "checkout-svid.key")).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("payments-svid.key", "checkout-svid.key"),
+    )
+    .unwrap();
     let (ok, _, err) = check(path.clone()).await;
-    assert!(!ok && err.contains("does not match") && err.contains("checkout-svid.key"), "{err}");
+    assert!(
+        !ok && err.contains("does not match") && err.contains("checkout-svid.key"),
+        "{err}"
+    );
 
     std::fs::write(&path, text.replace("payments-svid.pem", "missing.pem")).unwrap();
     let (ok, _, err) = check(path.clone()).await;
-    assert!(!ok && err.contains("identity.cert") && err.contains("missing.pem"), "{err}");
+    assert!(
+        !ok && err.contains("identity.cert") && err.contains("missing.pem"),
+        "{err}"
+    );
 
     // The environment overrides the file, without touching this process's env.
     let path = cfg("", "http://127.0.0.1:8080");
@@ -218,7 +296,10 @@ async fn config_check_names_the_problem() {
         .await
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("inbound.upstream") && err.contains("loopback"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("inbound.upstream") && err.contains("loopback"),
+        "{err}"
+    );
 }
 
 #[tokio::test]

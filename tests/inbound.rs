@@ -20,7 +20,10 @@ async fn allowed_request_reaches_upstream_with_verified_identity_only() {
                 ("idempotency-key", "k-1"),
                 // Forged identity headers: must never reach the service.
                 ("x-spiffe-id", REPORTING),
-                ("x-forwarded-client-cert", "By=x;Hash=y;URI=spiffe://pay.example/ns/x/sa/admin"),
+                (
+                    "x-forwarded-client-cert",
+                    "By=x;Hash=y;URI=spiffe://pay.example/ns/x/sa/admin",
+                ),
             ],
         )
         .await
@@ -55,15 +58,29 @@ async fn allowed_request_reaches_upstream_with_verified_identity_only() {
 async fn denied_request_gets_403_with_reason_and_never_reaches_upstream() {
     let mut h = Harness::start().await;
     let reply = h
-        .call(h.pki.client(FRONTEND), "POST", "/v1/payments", &[("idempotency-key", "k")])
+        .call(
+            h.pki.client(FRONTEND),
+            "POST",
+            "/v1/payments",
+            &[("idempotency-key", "k")],
+        )
         .await
         .unwrap();
     assert_eq!(reply.status, 403);
     let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
     let reason = body["reason"].as_str().unwrap();
-    assert!(reason.contains(FRONTEND), "reason should name the caller: {reason}");
-    assert_eq!(body["request_id"], reply.headers["x-request-id"].to_str().unwrap());
-    assert!(h.service.received().is_empty(), "a denied request reached the service");
+    assert!(
+        reason.contains(FRONTEND),
+        "reason should name the caller: {reason}"
+    );
+    assert_eq!(
+        body["request_id"],
+        reply.headers["x-request-id"].to_str().unwrap()
+    );
+    assert!(
+        h.service.received().is_empty(),
+        "a denied request reached the service"
+    );
 
     let events = h.stop().await;
     let reqs = requests(&events);
@@ -71,14 +88,23 @@ async fn denied_request_gets_403_with_reason_and_never_reaches_upstream() {
     assert_eq!(reqs[0]["decision"]["allowed"], false);
     assert_eq!(reqs[0]["decision"]["reason"], reason);
     assert_eq!(reqs[0]["response"]["status"], 403);
-    assert_eq!(reqs[0]["decision"]["policy_revision"].as_str().unwrap().len(), 64);
+    assert_eq!(
+        reqs[0]["decision"]["policy_revision"]
+            .as_str()
+            .unwrap()
+            .len(),
+        64
+    );
 }
 
 #[tokio::test]
 async fn http2_is_served_and_forwarded() {
     let h = Harness::start().await;
     let (client, _) = h.pki.client_with(&LeafSpec::svid(REPORTING), &[b"h2"]);
-    let reply = h.call(client, "GET", "/v1/reports/daily?date=2026-11-25", &[]).await.unwrap();
+    let reply = h
+        .call(client, "GET", "/v1/reports/daily?date=2026-11-25", &[])
+        .await
+        .unwrap();
     assert_eq!(reply.version, http::Version::HTTP_2);
     assert_eq!(reply.status, 200);
     let got = h.service.received();
@@ -91,16 +117,31 @@ async fn http2_is_served_and_forwarded() {
 async fn unsafe_paths_are_refused_before_policy_and_safe_ones_normalised() {
     let mut h = Harness::start().await;
     let reporting = h.pki.client(REPORTING);
-    for bad in ["/v1/reports/..%2Fpayments", "/v1/../../etc", "/v1/reports/..;/payments"] {
+    for bad in [
+        "/v1/reports/..%2Fpayments",
+        "/v1/../../etc",
+        "/v1/reports/..;/payments",
+    ] {
         let reply = h.call(reporting.clone(), "GET", bad, &[]).await.unwrap();
         assert_eq!(reply.status, 400, "{bad}");
     }
     // Encoded dot segments are resolved before policy: reporting may not
     // read payments, whatever the spelling.
-    let reply = h.call(reporting.clone(), "GET", "/v1/reports/%2e%2e/payments/p1", &[]).await.unwrap();
+    let reply = h
+        .call(
+            reporting.clone(),
+            "GET",
+            "/v1/reports/%2e%2e/payments/p1",
+            &[],
+        )
+        .await
+        .unwrap();
     assert_eq!(reply.status, 403);
     assert!(h.service.received().is_empty());
-    let reply = h.call(reporting, "GET", "//v1/reports/./daily", &[]).await.unwrap();
+    let reply = h
+        .call(reporting, "GET", "//v1/reports/./daily", &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(h.service.received()[0].uri, "/v1/reports/daily");
     let events = h.stop().await;
@@ -124,23 +165,40 @@ async fn refused_handshakes_are_counted_by_reason_and_audited() {
         ("bad_svid", h.pki.client_with(&two_uris, &[b"http/1.1"]).0),
         (
             "untrusted_chain",
-            h.pki.client_from(&rogue, &LeafSpec::svid(CHECKOUT), &[b"http/1.1"]).0,
+            h.pki
+                .client_from(&rogue, &LeafSpec::svid(CHECKOUT), &[b"http/1.1"])
+                .0,
         ),
     ];
     for (reason, client) in cases {
         let result = h.call(client, "GET", "/v1/payments/p1", &[]).await;
         assert!(result.is_err(), "{reason}: handshake should be refused");
         let metrics = h.running().metrics.clone();
-        eventually(reason, || metrics.tls_handshakes.with_label_values(&[reason]).get() == 1).await;
+        eventually(reason, || {
+            metrics.tls_handshakes.with_label_values(&[reason]).get() == 1
+        })
+        .await;
     }
     // The accept loop is undisturbed: a good client still gets through.
-    let ok = h.call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[]).await.unwrap();
+    let ok = h
+        .call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
     assert_eq!(ok.status, 200);
     assert!(h.service.received().len() == 1);
 
     let text = h.scrape().await;
-    assert_eq!(sample(&text, r#"portcullis_tls_handshakes_total{result="expired"}"#), 1.0);
-    assert_eq!(sample(&text, r#"portcullis_tls_handshakes_total{result="ok"}"#), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            r#"portcullis_tls_handshakes_total{result="expired"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, r#"portcullis_tls_handshakes_total{result="ok"}"#),
+        1.0
+    );
 
     let events = h.stop().await;
     let rejected: Vec<&str> = events
@@ -150,7 +208,10 @@ async fn refused_handshakes_are_counted_by_reason_and_audited() {
         .collect();
     assert_eq!(rejected.len(), 4, "{rejected:?}");
     for reason in ["no_client_cert", "expired", "bad_svid", "untrusted_chain"] {
-        assert!(rejected.iter().any(|d| d.starts_with(reason)), "{reason} not audited: {rejected:?}");
+        assert!(
+            rejected.iter().any(|d| d.starts_with(reason)),
+            "{reason} not audited: {rejected:?}"
+        );
     }
 }
 
@@ -181,7 +242,14 @@ async fn upstream_down_gives_fast_503() {
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(body["error"], "upstream_error");
-    assert_eq!(running.metrics.upstream_errors.with_label_values(&["connect"]).get(), 1);
+    assert_eq!(
+        running
+            .metrics
+            .upstream_errors
+            .with_label_values(&["connect"])
+            .get(),
+        1
+    );
     running.shutdown().await;
 }
 
@@ -189,20 +257,53 @@ async fn upstream_down_gives_fast_503() {
 async fn metrics_move_with_decisions() {
     let h = Harness::start().await;
     let before = h.scrape().await;
-    assert_eq!(sample(&before, r#"portcullis_requests_total{decision="allow",status="2xx"}"#), 0.0);
+    assert_eq!(
+        sample(
+            &before,
+            r#"portcullis_requests_total{decision="allow",status="2xx"}"#
+        ),
+        0.0
+    );
     let checkout = h.pki.client(CHECKOUT);
     for _ in 0..3 {
-        let r = h.call(checkout.clone(), "GET", "/v1/payments/p1", &[]).await.unwrap();
+        let r = h
+            .call(checkout.clone(), "GET", "/v1/payments/p1", &[])
+            .await
+            .unwrap();
         assert_eq!(r.status, 200);
     }
-    let r = h.call(checkout, "DELETE", "/v1/payments/p1", &[]).await.unwrap();
+    let r = h
+        .call(checkout, "DELETE", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
     assert_eq!(r.status, 403);
     let after = h.scrape().await;
-    assert_eq!(sample(&after, r#"portcullis_requests_total{decision="allow",status="2xx"}"#), 3.0);
-    assert_eq!(sample(&after, r#"portcullis_requests_total{decision="deny",status="4xx"}"#), 1.0);
-    assert_eq!(sample(&after, "portcullis_policy_evaluation_duration_seconds_count"), 4.0);
+    assert_eq!(
+        sample(
+            &after,
+            r#"portcullis_requests_total{decision="allow",status="2xx"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            r#"portcullis_requests_total{decision="deny",status="4xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &after,
+            "portcullis_policy_evaluation_duration_seconds_count"
+        ),
+        4.0
+    );
     assert!(sample(&after, "portcullis_svid_expiry_timestamp_seconds") > 1.7e9);
-    assert_eq!(sample(&after, r#"portcullis_policy_reloads_total{result="ok"}"#), 1.0);
+    assert_eq!(
+        sample(&after, r#"portcullis_policy_reloads_total{result="ok"}"#),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -214,8 +315,15 @@ async fn admin_endpoints_report_state() {
     let (status, body) = admin_get(admin, "/policy").await;
     assert_eq!(status, 200);
     let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(policy["revision"], h.running().policy.load().revision.as_str());
-    assert!(policy["files"].as_array().unwrap().iter().any(|f| f == "authz.rego"));
+    assert_eq!(
+        policy["revision"],
+        h.running().policy.load().revision.as_str()
+    );
+    assert!(policy["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f == "authz.rego"));
     let (status, body) = admin_get(admin, "/config").await;
     assert_eq!(status, 200);
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -232,14 +340,20 @@ async fn policy_error_is_a_500_and_audited() {
     )
     .unwrap();
     let mut h = Harness::start_with(dir.path(), |_| {}).await;
-    let reply = h.call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[]).await.unwrap();
+    let reply = h
+        .call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
     assert_eq!(reply.status, 500);
     assert!(h.service.received().is_empty());
     let events = h.stop().await;
     let reqs = requests(&events);
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0]["decision"]["allowed"], false);
-    assert!(reqs[0]["decision"]["reason"].as_str().unwrap().contains("allowed"));
+    assert!(reqs[0]["decision"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("allowed"));
 }
 
 #[tokio::test]
@@ -262,7 +376,10 @@ allow := {"allowed": true, "headers": {"x-caller-team": "shop"}} if {
     assert_eq!(r.status, 429);
     let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(body["reason"], "slow down");
-    let r = h.call(checkout, "GET", "/x", &[("x-caller-team", "forged")]).await.unwrap();
+    let r = h
+        .call(checkout, "GET", "/x", &[("x-caller-team", "forged")])
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(h.service.received()[0].headers["x-caller-team"], "shop");
 }
@@ -278,10 +395,17 @@ async fn startup_refuses_bad_identity_and_policy_naming_the_cause() {
     std::fs::write(&wrong_key, &other.key_pem).unwrap();
     c.identity.key = wrong_key.clone();
     let err = portcullis::app::start(c).await.err().unwrap().to_string();
-    assert!(err.contains("does not match") && err.contains("other.key"), "{err}");
+    assert!(
+        err.contains("does not match") && err.contains("other.key"),
+        "{err}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bad.rego"), "package portcullis.authz\nallow if {\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.rego"),
+        "package portcullis.authz\nallow if {\n",
+    )
+    .unwrap();
     let c = pki.config(dir.path(), upstream);
     let err = portcullis::app::start(c).await.err().unwrap().to_string();
     assert!(err.contains("bad.rego"), "{err}");
@@ -307,14 +431,23 @@ async fn shutdown_lets_in_flight_requests_finish() {
         let _ = s.read(&mut buf).await.unwrap();
         arrived_tx.send(()).unwrap();
         release_rx.await.unwrap();
-        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone").await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
+            .await
+            .unwrap();
     });
     let pki = Pki::new();
     let config = pki.config(&shipped_policy(), upstream);
     let audit_path = std::path::PathBuf::from(&config.audit.path);
     let running = portcullis::app::start(config).await.unwrap();
     let addr = running.inbound_addr;
-    let call = tokio::spawn(portcullis::demo::call(addr, pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[], ""));
+    let call = tokio::spawn(portcullis::demo::call(
+        addr,
+        pki.client(CHECKOUT),
+        "GET",
+        "/v1/payments/p1",
+        &[],
+        "",
+    ));
     arrived_rx.await.unwrap();
     let shutdown = tokio::spawn(running.shutdown());
     // New connections are refused once draining has begun.
@@ -335,6 +468,10 @@ async fn shutdown_lets_in_flight_requests_finish() {
     assert!(shutdown.await.unwrap(), "drain did not complete");
     let text = std::fs::read_to_string(audit_path).unwrap();
     assert!(portcullis::audit::verify(&text).is_ok());
-    assert!(text.lines().last().unwrap().contains("\"kind\":\"shutdown\""));
+    assert!(text
+        .lines()
+        .last()
+        .unwrap()
+        .contains("\"kind\":\"shutdown\""));
     assert!(text.contains("\"status\":200"));
 }

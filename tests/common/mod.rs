@@ -50,11 +50,22 @@ impl Pki {
         std::fs::write(&cert, &own.cert_pem).unwrap();
         std::fs::write(&key, &own.key_pem).unwrap();
         let bundles = TrustBundles::from_pem(TD, ca.cert_pem().as_bytes()).unwrap();
-        Pki { dir, ca, bundle, bundles, cert, key }
+        Pki {
+            dir,
+            ca,
+            bundle,
+            bundles,
+            cert,
+            key,
+        }
     }
 
     /// A client presenting a certificate issued by this CA from `spec`.
-    pub fn client_with(&self, spec: &LeafSpec, alpn: &[&[u8]]) -> (Arc<rustls::ClientConfig>, String) {
+    pub fn client_with(
+        &self,
+        spec: &LeafSpec,
+        alpn: &[&[u8]],
+    ) -> (Arc<rustls::ClientConfig>, String) {
         self.client_from(&self.ca, spec, alpn)
     }
 
@@ -67,12 +78,14 @@ impl Pki {
         use sha2::Digest;
         let issued = ca.issue(spec).unwrap();
         let hash = hex::encode(sha2::Sha256::digest(issued.cert_der.as_ref()));
-        let config = tls::client_config(issued.chain(), issued.key_der(), &self.bundles, alpn).unwrap();
+        let config =
+            tls::client_config(issued.chain(), issued.key_der(), &self.bundles, alpn).unwrap();
         (config, hash)
     }
 
     pub fn client(&self, spiffe_id: &str) -> Arc<rustls::ClientConfig> {
-        self.client_with(&LeafSpec::svid(spiffe_id), &[b"http/1.1"]).0
+        self.client_with(&LeafSpec::svid(spiffe_id), &[b"http/1.1"])
+            .0
     }
 
     pub fn anonymous(&self) -> Arc<rustls::ClientConfig> {
@@ -122,7 +135,12 @@ impl Harness {
         tweak(&mut config);
         let audit_path = PathBuf::from(&config.audit.path);
         let running = app::start(config).await.unwrap();
-        Harness { pki, service, running: Some(running), audit_path }
+        Harness {
+            pki,
+            service,
+            running: Some(running),
+            audit_path,
+        }
     }
 
     pub fn running(&self) -> &Running {
@@ -136,7 +154,15 @@ impl Harness {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<Reply, demo::Error> {
-        demo::call(self.running().inbound_addr, client, method, path, headers, "").await
+        demo::call(
+            self.running().inbound_addr,
+            client,
+            method,
+            path,
+            headers,
+            "",
+        )
+        .await
     }
 
     /// A real scrape of the admin listener.
@@ -150,8 +176,10 @@ impl Harness {
         assert!(drained, "sidecar did not drain");
         let text = std::fs::read_to_string(&self.audit_path).unwrap();
         let n = portcullis::audit::verify(&text).unwrap();
-        let events: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(n as usize, events.len());
         events
     }
@@ -159,7 +187,9 @@ impl Harness {
 
 pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = http::Request::get(path)
         .header("host", "admin")
@@ -175,7 +205,13 @@ pub async fn admin_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) 
 pub fn sample(exposition: &str, series: &str) -> f64 {
     exposition
         .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }
 
@@ -185,7 +221,10 @@ pub fn sample(exposition: &str, series: &str) -> f64 {
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
