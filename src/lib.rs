@@ -1,2 +1,4 @@
 //! Portcullis: a zero-trust sidecar proxy for payment services.
 #![forbid(unsafe_code)]
+
+pub mod policy;
