@@ -1,0 +1,495 @@
+//! Rego authorization: a policy directory compiled once into an immutable
+//! [`PolicySnapshot`] that every worker thread evaluates requests against.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use regorus::utils::limits::ExecutionTimerConfig;
+use regorus::{Engine, Value};
+use sha2::{Digest, Sha256};
+
+pub mod decision;
+pub mod input;
+pub mod testing;
+
+pub use decision::Decision;
+pub use input::{build_input, build_input_json, RequestFacts};
+pub use testing::{run_tests, TestReport, TestResult};
+
+/// The optional data document loaded beside the policies.
+pub const DATA_FILE: &str = "data.json";
+
+/// How many units of interpreter work pass between clock reads. Reading the
+/// clock on every step would cost more than the small policies we expect;
+/// 64 keeps the overshoot past the deadline to microseconds.
+const TIMER_CHECK_INTERVAL: NonZeroU32 = NonZeroU32::MIN.saturating_add(63);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read policy directory {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+    #[error("no *.rego files in {0}")]
+    NoPolicies(PathBuf),
+    /// `message` comes from regorus and normally carries `file:line:col`
+    /// and a source excerpt; `path` is repeated so that it is always there.
+    #[error("{path}: policy does not compile: {message}")]
+    Compile { path: PathBuf, message: String },
+    #[error("{path}: invalid data document: {message}")]
+    Data { path: PathBuf, message: String },
+    #[error("query {query:?} does not name a rule in the loaded policies")]
+    UnknownQuery { query: String },
+    #[error("policy evaluation exceeded its {limit:?} time limit")]
+    Timeout { limit: Duration },
+    #[error("policy evaluation failed: {0}")]
+    Eval(String),
+    #[error("invalid policy decision: field `{field}`: {message}")]
+    Decision {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// One compiled, immutable generation of the policy directory.
+///
+/// Shared by all worker threads (behind an `ArcSwap`); evaluation takes
+/// `&self`, so a reload never disturbs evaluations in flight.
+#[derive(Debug, Clone)]
+pub struct PolicySnapshot {
+    /// Lowercase hex sha256 over the sorted input file names and contents.
+    pub revision: String,
+    /// Names of the loaded files (`*.rego` and `data.json`), sorted.
+    pub files: Vec<String>,
+    pub loaded_at: SystemTime,
+    /// The rule whose value is the decision, e.g. `data.portcullis.authz.allow`.
+    pub query: String,
+    eval_timeout: Duration,
+    /// Parsed, analysed and prepared once at load; each evaluation works on
+    /// a clone, which shares the compiled policy and data by reference
+    /// count, so requests never see each other's state. benches/policy_modes.rs
+    /// measured this as fast as `CompiledPolicy::eval_with_input` (which
+    /// only honours the process-wide timer) and a reused per-thread engine;
+    /// the RVM is ~4x faster but disqualified: regorus 0.14.1's RVM skips an
+    /// `else` that follows a body whose `some` loop failed, which changes the
+    /// shipped policy's decisions.
+    engine: Engine,
+}
+
+impl PolicySnapshot {
+    /// Reads and compiles `dir`. Any problem refuses the whole snapshot, so
+    /// the caller keeps serving with the previous one.
+    pub fn load(dir: &Path, query: &str, eval_timeout: Duration) -> Result<Self, Error> {
+        let sources = Sources::read(dir)?;
+        let mut engine = sources.engine(eval_timeout)?;
+
+        // Checked up front so that a typo in the configured query is
+        // reported as such rather than as a generic compile failure.
+        if !rules_by_module(&mut engine).iter().any(|r| r.path == query) {
+            return Err(Error::UnknownQuery {
+                query: query.to_owned(),
+            });
+        }
+        // Compiling for the entry point prepares the engine (analysis,
+        // scheduling, rule index) once, here, instead of on the first
+        // request of every clone, and reports semantic errors at load time.
+        engine
+            .compile_with_entrypoint(&query.into())
+            .map_err(|e| Error::Compile {
+                path: dir.to_owned(),
+                message: e.to_string(),
+            })?;
+
+        Ok(PolicySnapshot {
+            revision: sources.revision,
+            files: sources.files.into_iter().map(|f| f.name).collect(),
+            loaded_at: SystemTime::now(),
+            query: query.to_owned(),
+            eval_timeout,
+            engine,
+        })
+    }
+
+    /// Decides one request. Errors (including timeouts) are the caller's to
+    /// turn into a deny: this layer never guesses a decision.
+    pub fn evaluate(&self, input: Value) -> Result<Decision, Error> {
+        let mut engine = self.engine.clone();
+        engine.set_input(input);
+        let value = engine
+            .eval_rule(self.query.clone())
+            .map_err(|e| eval_error(e, self.eval_timeout))?;
+        Decision::from_value(&value)
+    }
+}
+
+/// Maps a regorus error to ours, singling out the time limit so it can be
+/// counted separately from policy bugs.
+fn eval_error(e: anyhow::Error, limit: Duration) -> Error {
+    let timed_out = e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<regorus::LimitError>(),
+            Some(regorus::LimitError::TimeLimitExceeded { .. })
+        )
+    }) || e.to_string().contains("exceeded time limit");
+    if timed_out {
+        Error::Timeout { limit }
+    } else {
+        Error::Eval(format!("{e:#}"))
+    }
+}
+
+struct SourceFile {
+    name: String,
+    path: PathBuf,
+    contents: String,
+}
+
+/// The files of one policy directory, read once so that the revision and
+/// the compiled engine are guaranteed to describe the same bytes.
+struct Sources {
+    files: Vec<SourceFile>,
+    revision: String,
+}
+
+impl Sources {
+    fn read(dir: &Path) -> Result<Self, Error> {
+        let read_dir_err = |source| Error::ReadDir {
+            path: dir.to_owned(),
+            source,
+        };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_dir_err)? {
+            let entry = entry.map_err(read_dir_err)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !(name.ends_with(".rego") || name == DATA_FILE) {
+                continue;
+            }
+            // Follows symlinks: Kubernetes ConfigMap files are symlinks into
+            // the `..data` directory.
+            let is_file = std::fs::metadata(entry.path())
+                .map(|m| m.is_file())
+                .map_err(|source| Error::ReadFile {
+                    path: entry.path(),
+                    source,
+                })?;
+            if is_file {
+                names.push(name);
+            }
+        }
+        names.sort();
+        if !names.iter().any(|n| n.ends_with(".rego")) {
+            return Err(Error::NoPolicies(dir.to_owned()));
+        }
+
+        let mut files = Vec::with_capacity(names.len());
+        let mut hasher = Sha256::new();
+        for name in names {
+            let path = dir.join(&name);
+            let bytes = std::fs::read(&path).map_err(|source| Error::ReadFile {
+                path: path.clone(),
+                source,
+            })?;
+            // Length-prefixed so that moving bytes between a name and a
+            // file, or between files, always changes the revision.
+            hasher.update((name.len() as u64).to_be_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(&bytes);
+            let contents =
+                String::from_utf8(bytes).map_err(|_| Error::NotUtf8 { path: path.clone() })?;
+            files.push(SourceFile {
+                name,
+                path,
+                contents,
+            });
+        }
+        Ok(Sources {
+            files,
+            revision: hex::encode(hasher.finalize()),
+        })
+    }
+
+    fn engine(&self, eval_timeout: Duration) -> Result<Engine, Error> {
+        let mut engine = Engine::new();
+        engine.set_execution_timer_config(ExecutionTimerConfig {
+            limit: eval_timeout,
+            check_interval: TIMER_CHECK_INTERVAL,
+        });
+        for f in &self.files {
+            if f.name == DATA_FILE {
+                let data = Value::from_json_str(&f.contents).map_err(|e| Error::Data {
+                    path: f.path.clone(),
+                    message: e.to_string(),
+                })?;
+                if !matches!(data, Value::Object(_)) {
+                    return Err(Error::Data {
+                        path: f.path.clone(),
+                        message: "the top level must be an object".to_owned(),
+                    });
+                }
+                engine.add_data(data).map_err(|e| Error::Data {
+                    path: f.path.clone(),
+                    message: e.to_string(),
+                })?;
+            } else {
+                engine
+                    .add_policy(f.path.display().to_string(), f.contents.clone())
+                    .map_err(|e| Error::Compile {
+                        path: f.path.clone(),
+                        message: e.to_string(),
+                    })?;
+            }
+        }
+        Ok(engine)
+    }
+}
+
+/// A rule as written in a module: where it is and its full `data.` path.
+#[derive(Debug, Clone)]
+pub(crate) struct DeclaredRule {
+    pub(crate) path: String,
+    pub(crate) name: String,
+    pub(crate) file: String,
+    pub(crate) line: u32,
+}
+
+/// Every rule head of every module, in file order. regorus offers no rule
+/// listing, so the name is read from the start of the rule's source text,
+/// which is always the rule's name for non-default rules.
+pub(crate) fn rules_by_module(engine: &mut Engine) -> Vec<DeclaredRule> {
+    let packages = engine.get_packages().unwrap_or_default();
+    let mut rules = Vec::new();
+    for (module, package) in engine.get_modules().iter().zip(packages) {
+        for rule in &module.policy {
+            let span = rule.span();
+            let text = span.text();
+            let text = text.strip_prefix("default").map_or(text, str::trim_start);
+            let name: String = text
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name.is_empty() {
+                continue;
+            }
+            rules.push(DeclaredRule {
+                path: format!("{package}.{name}"),
+                name,
+                file: span.source.get_path().clone(),
+                line: span.line,
+            });
+        }
+    }
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, contents) in files {
+            fs::write(dir.path().join(name), contents).unwrap();
+        }
+        dir
+    }
+
+    const SIMPLE: &str = "package t\nimport rego.v1\ndefault allow := false\nallow if input.ok\n";
+
+    #[test]
+    fn snapshot_is_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<PolicySnapshot>();
+    }
+
+    #[test]
+    fn loads_and_evaluates_boolean_policy() {
+        let dir = dir_with(&[("a.rego", SIMPLE), ("README.md", "ignored")]);
+        let snap = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap();
+        assert_eq!(snap.files, vec!["a.rego"]);
+        assert_eq!(snap.query, "data.t.allow");
+        assert_eq!(snap.revision.len(), 64);
+        assert!(snap
+            .revision
+            .chars()
+            .all(|c| matches!(c, '0'..='9' | 'a'..='f')));
+        let yes = snap
+            .evaluate(Value::from_json_str(r#"{"ok": true}"#).unwrap())
+            .unwrap();
+        assert!(yes.allowed);
+        let no = snap.evaluate(Value::new_object()).unwrap();
+        assert!(!no.allowed);
+    }
+
+    #[test]
+    fn revision_covers_names_contents_and_data() {
+        let rev = |files: &[(&str, &str)]| {
+            let d = dir_with(files);
+            PolicySnapshot::load(d.path(), "data.t.allow", TIMEOUT)
+                .unwrap()
+                .revision
+        };
+        let base = rev(&[("a.rego", SIMPLE)]);
+        assert_eq!(base, rev(&[("a.rego", SIMPLE)]));
+        assert_ne!(base, rev(&[("b.rego", SIMPLE)]));
+        assert_ne!(base, rev(&[("a.rego", &format!("{SIMPLE}\n"))]));
+        assert_ne!(base, rev(&[("a.rego", SIMPLE), ("data.json", "{}")]));
+    }
+
+    #[test]
+    fn data_json_is_visible_to_policy() {
+        let dir = dir_with(&[
+            (
+                "p.rego",
+                "package t\nimport rego.v1\nallow if input.user in data.users\n",
+            ),
+            ("data.json", r#"{"users": ["alice"]}"#),
+        ]);
+        let snap = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap();
+        assert_eq!(snap.files, vec!["data.json", "p.rego"]);
+        let alice = Value::from_json_str(r#"{"user": "alice"}"#).unwrap();
+        assert!(snap.evaluate(alice).unwrap().allowed);
+        let bob = Value::from_json_str(r#"{"user": "bob"}"#).unwrap();
+        let d = snap.evaluate(bob).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.reason.as_deref(), Some(decision::UNDEFINED_REASON));
+    }
+
+    #[test]
+    fn parse_error_names_file_and_line() {
+        let dir = dir_with(&[
+            ("good.rego", SIMPLE),
+            (
+                "bad.rego",
+                "package u\nimport rego.v1\n\nx if {\n  input.a ==\n}\n",
+            ),
+        ]);
+        let err = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Compile { .. }), "{msg}");
+        assert!(msg.contains("bad.rego:6:"), "{msg}");
+    }
+
+    #[test]
+    fn semantic_error_is_refused() {
+        let dir = dir_with(&[(
+            "a.rego",
+            "package t\nimport rego.v1\nallow if {\n  x > 1\n}\n",
+        )]);
+        let err = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap_err();
+        assert!(err.to_string().contains("a.rego"), "{err}");
+    }
+
+    #[test]
+    fn unknown_function_fails_closed_at_evaluation() {
+        // regorus resolves functions lazily, so this loads (OPA would refuse
+        // it); what matters is that it can never produce an allow.
+        let dir = dir_with(&[(
+            "a.rego",
+            "package t\nimport rego.v1\nallow if no_such_function(input)\n",
+        )]);
+        match PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT) {
+            Err(err) => assert!(err.to_string().contains("a.rego"), "{err}"),
+            Ok(snap) => assert!(snap.evaluate(Value::new_object()).is_err()),
+        }
+    }
+
+    #[test]
+    fn bad_data_json_names_file() {
+        let dir = dir_with(&[("a.rego", SIMPLE), ("data.json", "{not json")]);
+        let err = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap_err();
+        assert!(matches!(err, Error::Data { .. }));
+        assert!(err.to_string().contains("data.json"), "{err}");
+        let dir = dir_with(&[("a.rego", SIMPLE), ("data.json", "[1]")]);
+        let err = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap_err();
+        assert!(matches!(err, Error::Data { .. }));
+    }
+
+    #[test]
+    fn empty_dir_is_error() {
+        let dir = dir_with(&[("data.json", "{}")]);
+        let err = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap_err();
+        assert!(matches!(err, Error::NoPolicies(_)), "{err}");
+        let err =
+            PolicySnapshot::load(&dir.path().join("missing"), "data.t.allow", TIMEOUT).unwrap_err();
+        assert!(matches!(err, Error::ReadDir { .. }), "{err}");
+    }
+
+    #[test]
+    fn rego_files_in_subdirectories_are_not_loaded() {
+        let dir = dir_with(&[("a.rego", SIMPLE)]);
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("sub/b.rego"), "not rego at all").unwrap();
+        let snap = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap();
+        assert_eq!(snap.files, vec!["a.rego"]);
+    }
+
+    #[test]
+    fn unknown_query_is_error() {
+        let dir = dir_with(&[("a.rego", SIMPLE)]);
+        for q in ["data.t.alow", "data.x.allow", "allow", "data.t"] {
+            let err = PolicySnapshot::load(dir.path(), q, TIMEOUT).unwrap_err();
+            assert!(matches!(err, Error::UnknownQuery { .. }), "{q}: {err}");
+        }
+    }
+
+    #[test]
+    fn evaluation_error_is_err() {
+        let dir = dir_with(&[(
+            "a.rego",
+            "package t\nimport rego.v1\nallow := x if { x := input.a }\nallow := y if { y := input.b }\n",
+        )]);
+        let snap = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap();
+        // Two complete-rule definitions with different values: a conflict.
+        let err = snap
+            .evaluate(Value::from_json_str(r#"{"a": true, "b": false}"#).unwrap())
+            .unwrap_err();
+        assert!(matches!(err, Error::Eval(_)), "{err}");
+    }
+
+    #[test]
+    fn wrong_decision_shape_is_err() {
+        let dir = dir_with(&[(
+            "a.rego",
+            "package t\nimport rego.v1\nallow := {\"allowed\": \"yes\"}\n",
+        )]);
+        let snap = PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap();
+        let err = snap.evaluate(Value::new_object()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Decision {
+                    field: "allowed",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn slow_policy_times_out() {
+        let dir = dir_with(&[(
+            "a.rego",
+            "package t\nimport rego.v1\nallow if {\n  some x in numbers.range(1, 5000)\n  some y in numbers.range(1, 5000)\n  x * y < 0\n}\n",
+        )]);
+        let limit = Duration::from_millis(20);
+        let snap = PolicySnapshot::load(dir.path(), "data.t.allow", limit).unwrap();
+        let started = std::time::Instant::now();
+        let err = snap.evaluate(Value::new_object()).unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,335 @@
+//! The policy input document, shaped like OPA-Envoy's so that policies
+//! written for Envoy ext_authz run unchanged.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use regorus::Value;
+
+/// Everything the proxy knows about one request when it asks the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub request_id: &'a str,
+    pub method: &'a str,
+    /// Already normalised by the proxy; never contains the query.
+    pub path: &'a str,
+    /// Raw bytes after `?`, exactly as they will be forwarded.
+    pub query: Option<&'a str>,
+    pub host: &'a str,
+    pub scheme: &'a str,
+    /// `"HTTP/1.1"` or `"HTTP/2"`.
+    pub protocol: &'a str,
+    pub headers: &'a http::HeaderMap,
+    pub source_spiffe_id: &'a str,
+    pub source_trust_domain: &'a str,
+    pub source_path: &'a str,
+    pub source_addr: SocketAddr,
+    pub destination_spiffe_id: &'a str,
+    pub time: SystemTime,
+}
+
+/// Builds the input document as a regorus value.
+///
+/// Built directly rather than through `serde_json::Value`: this runs on
+/// every request, and going through JSON would build the tree twice.
+pub fn build_input(f: &RequestFacts) -> Value {
+    let full_path = match f.query {
+        Some(q) => format!("{}?{}", f.path, q),
+        None => f.path.to_owned(),
+    };
+
+    let http = object([
+        ("id", f.request_id.into()),
+        ("method", f.method.into()),
+        ("path", full_path.into()),
+        ("host", f.host.into()),
+        ("scheme", f.scheme.into()),
+        ("protocol", f.protocol.into()),
+        ("headers", headers(f.headers)),
+    ]);
+
+    let attributes = object([
+        (
+            "source",
+            object([
+                ("principal", f.source_spiffe_id.into()),
+                (
+                    "address",
+                    object([(
+                        "socketAddress",
+                        object([
+                            ("address", f.source_addr.ip().to_string().into()),
+                            ("portValue", u64::from(f.source_addr.port()).into()),
+                        ]),
+                    )]),
+                ),
+            ]),
+        ),
+        (
+            "destination",
+            object([("principal", f.destination_spiffe_id.into())]),
+        ),
+        (
+            "request",
+            object([("time", rfc3339_millis(f.time).into()), ("http", http)]),
+        ),
+    ]);
+
+    object([
+        ("attributes", attributes),
+        ("parsed_path", parsed_path(f.path)),
+        ("parsed_query", parsed_query(f.query)),
+        (
+            "source",
+            object([
+                ("spiffe_id", f.source_spiffe_id.into()),
+                ("trust_domain", f.source_trust_domain.into()),
+                ("path", f.source_path.into()),
+            ]),
+        ),
+    ])
+}
+
+/// The same document as JSON, for printing (`policy eval`, debugging).
+/// Converted from [`build_input`] so the two can never disagree.
+pub fn build_input_json(f: &RequestFacts) -> serde_json::Value {
+    // Serialising a tree of strings, numbers, arrays and string-keyed objects
+    // cannot fail; Null is only a theoretical fallback.
+    serde_json::to_value(build_input(f)).unwrap_or(serde_json::Value::Null)
+}
+
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::from(
+        fields
+            .into_iter()
+            .map(|(k, v)| (Value::from(k), v))
+            .collect::<BTreeMap<_, _>>(),
+    )
+}
+
+fn headers(map: &http::HeaderMap) -> Value {
+    let mut out = BTreeMap::new();
+    // `http` stores names lowercased already; keys() yields each name once.
+    for name in map.keys() {
+        let mut joined = String::new();
+        for (i, value) in map.get_all(name).iter().enumerate() {
+            if i > 0 {
+                joined.push_str(", ");
+            }
+            joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        }
+        out.insert(Value::from(name.as_str()), Value::from(joined));
+    }
+    Value::from(out)
+}
+
+/// Path segments, percent-decoded, with empty segments dropped (as
+/// OPA-Envoy's `parsed_path`, minus its `[""]` for `/`).
+fn parsed_path(path: &str) -> Value {
+    Value::from(
+        path.split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                Value::from(
+                    percent_encoding::percent_decode_str(s)
+                        .decode_utf8_lossy()
+                        .as_ref(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// `name -> [values...]` with form-urlencoded decoding (`+` is a space),
+/// like Go's `url.ParseQuery` that OPA-Envoy uses.
+fn parsed_query(query: Option<&str>) -> Value {
+    let mut out: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+    if let Some(q) = query {
+        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+            out.entry(Value::from(k.as_ref()))
+                .or_default()
+                .push(Value::from(v.as_ref()));
+        }
+    }
+    Value::from(
+        out.into_iter()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect::<BTreeMap<_, _>>(),
+    )
+}
+
+fn rfc3339_millis(t: SystemTime) -> String {
+    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    // The clock, not the request, supplies `t`; a clock before 1970 or past
+    // year 9999 is not worth a panic, so it degrades to the epoch.
+    let nanos = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let dt = i128::try_from(nanos)
+        .ok()
+        .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    dt.format(FORMAT)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderName, HeaderValue};
+    use std::time::Duration;
+
+    fn facts<'a>(
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a HeaderMap,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            request_id: "req-1",
+            method: "POST",
+            path,
+            query,
+            host: "payments",
+            scheme: "https",
+            protocol: "HTTP/2",
+            headers,
+            source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
+            source_trust_domain: "pay.example",
+            source_path: "/ns/shop/sa/checkout",
+            source_addr: "10.0.0.7:51522".parse().unwrap(),
+            destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
+            time: UNIX_EPOCH + Duration::from_millis(1_795_600_800_123),
+        }
+    }
+
+    fn json(path: &str, query: Option<&str>, headers: &HeaderMap) -> serde_json::Value {
+        build_input_json(&facts(path, query, headers))
+    }
+
+    #[test]
+    fn full_document_shape() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("idempotency-key", HeaderValue::from_static("k-1"));
+        let got = json("/v1/payments", Some("x=1"), &h);
+        let want = serde_json::json!({
+            "attributes": {
+                "source": {"principal": "spiffe://pay.example/ns/shop/sa/checkout",
+                           "address": {"socketAddress": {"address": "10.0.0.7", "portValue": 51522}}},
+                "destination": {"principal": "spiffe://pay.example/ns/pay/sa/payments"},
+                "request": {"time": "2026-11-25T10:00:00.123Z",
+                            "http": {"id": "req-1", "method": "POST", "path": "/v1/payments?x=1",
+                                     "host": "payments", "scheme": "https", "protocol": "HTTP/2",
+                                     "headers": {"content-type": "application/json", "idempotency-key": "k-1"}}}
+            },
+            "parsed_path": ["v1", "payments"],
+            "parsed_query": {"x": ["1"]},
+            "source": {"spiffe_id": "spiffe://pay.example/ns/shop/sa/checkout",
+                       "trust_domain": "pay.example", "path": "/ns/shop/sa/checkout"}
+        });
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn ipv6_source_address() {
+        let h = HeaderMap::new();
+        let mut f = facts("/", None, &h);
+        f.source_addr = "[fd00::7]:443".parse().unwrap();
+        let j = build_input_json(&f);
+        assert_eq!(
+            j["attributes"]["source"]["address"]["socketAddress"],
+            serde_json::json!({"address": "fd00::7", "portValue": 443})
+        );
+    }
+
+    #[test]
+    fn path_splitting() {
+        let h = HeaderMap::new();
+        let cases: &[(&str, serde_json::Value)] = &[
+            ("/", serde_json::json!([])),
+            ("/v1/payments", serde_json::json!(["v1", "payments"])),
+            ("/v1/payments/", serde_json::json!(["v1", "payments"])),
+            ("//v1///reports", serde_json::json!(["v1", "reports"])),
+            (
+                "/v1/a%20b/caf%C3%A9",
+                serde_json::json!(["v1", "a b", "café"]),
+            ),
+            ("/v1/%FF", serde_json::json!(["v1", "\u{FFFD}"])),
+        ];
+        for (path, want) in cases {
+            assert_eq!(&json(path, None, &h)["parsed_path"], want, "{path}");
+        }
+    }
+
+    #[test]
+    fn query_parsing() {
+        let h = HeaderMap::new();
+        let cases: &[(Option<&str>, serde_json::Value)] = &[
+            (None, serde_json::json!({})),
+            (Some(""), serde_json::json!({})),
+            (
+                Some("a=1&a=2&b=3"),
+                serde_json::json!({"a": ["1", "2"], "b": ["3"]}),
+            ),
+            (
+                Some("empty=&flag"),
+                serde_json::json!({"empty": [""], "flag": [""]}),
+            ),
+            (
+                Some("q=a+b&r=a%2Bb&s=%26%3D%2F&caf%C3%A9=1"),
+                serde_json::json!({"q": ["a b"], "r": ["a+b"], "s": ["&=/"], "café": ["1"]}),
+            ),
+            (Some("&&x=1&"), serde_json::json!({"x": ["1"]})),
+        ];
+        for (q, want) in cases {
+            assert_eq!(&json("/p", *q, &h)["parsed_query"], want, "{q:?}");
+        }
+    }
+
+    #[test]
+    fn path_includes_raw_query_only_when_present() {
+        let h = HeaderMap::new();
+        let http = |q| json("/v1/reports", q, &h)["attributes"]["request"]["http"]["path"].clone();
+        assert_eq!(http(None), "/v1/reports");
+        assert_eq!(http(Some("from=a+b%20c")), "/v1/reports?from=a+b%20c");
+    }
+
+    #[test]
+    fn headers_lowercase_and_repeated() {
+        let mut h = HeaderMap::new();
+        // HeaderName::from_bytes lowercases, as hyper does for HTTP/1.1.
+        h.append(
+            HeaderName::from_bytes(b"X-Forwarded-For").unwrap(),
+            HeaderValue::from_static("10.0.0.1"),
+        );
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        h.append("accept", HeaderValue::from_static("text/plain"));
+        h.append("x-bin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let got = &json("/", None, &h)["attributes"]["request"]["http"]["headers"];
+        assert_eq!(
+            got,
+            &serde_json::json!({
+                "x-forwarded-for": "10.0.0.1, 10.0.0.2",
+                "accept": "text/plain",
+                "x-bin": "caf\u{FFFD}",
+            })
+        );
+    }
+
+    #[test]
+    fn time_format() {
+        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH + Duration::new(1_795_600_800, 999_999_999)),
+            "2026-11-25T10:00:00.999Z"
+        );
+        assert_eq!(
+            rfc3339_millis(UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+}

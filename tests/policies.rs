@@ -1,0 +1,203 @@
+//! The shipped `policies/` directory: its own Rego tests pass, and real
+//! decisions made through the proxy's input builder say why they deny.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderValue};
+use portcullis::policy::{build_input, run_tests, Decision, PolicySnapshot, RequestFacts};
+
+const QUERY: &str = "data.portcullis.authz.allow";
+
+fn policies_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+fn snapshot() -> PolicySnapshot {
+    PolicySnapshot::load(&policies_dir(), QUERY, Duration::from_millis(100)).unwrap()
+}
+
+fn decide(
+    snap: &PolicySnapshot,
+    spiffe_id: &str,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Decision {
+    let rest = spiffe_id.strip_prefix("spiffe://").unwrap();
+    let (trust_domain, id_path) = rest.split_at(rest.find('/').unwrap());
+    let addr: SocketAddr = "10.0.0.7:51522".parse().unwrap();
+    let facts = RequestFacts {
+        request_id: "test-request",
+        method,
+        path,
+        query,
+        host: "payments",
+        scheme: "https",
+        protocol: "HTTP/2",
+        headers,
+        source_spiffe_id: spiffe_id,
+        source_trust_domain: trust_domain,
+        source_path: id_path,
+        source_addr: addr,
+        destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
+        time: SystemTime::now(),
+    };
+    snap.evaluate(build_input(&facts)).unwrap()
+}
+
+const CHECKOUT: &str = "spiffe://pay.example/ns/shop/sa/checkout";
+const FRONTEND: &str = "spiffe://pay.example/ns/shop/sa/frontend";
+const REPORTING: &str = "spiffe://pay.example/ns/finance/sa/reporting";
+
+#[test]
+fn shipped_rego_tests_all_pass() {
+    let report = run_tests(&policies_dir(), None).unwrap();
+    let failures: Vec<_> = report
+        .results
+        .iter()
+        .filter(|r| !r.passed)
+        .map(|r| format!("{}:{} {} {:?}", r.file, r.line, r.name, r.failure))
+        .collect();
+    assert!(failures.is_empty(), "failing Rego tests: {failures:#?}");
+    assert!(report.passed > 10, "only {} tests ran", report.passed);
+    assert_eq!(report.passed, report.results.len());
+}
+
+#[test]
+fn loads_with_revision_and_files() {
+    let snap = snapshot();
+    assert_eq!(snap.files, ["authz.rego", "authz_test.rego", "data.json"]);
+    assert_eq!(snap.revision.len(), 64);
+    assert_eq!(snap.query, QUERY);
+}
+
+#[test]
+fn checkout_creates_payment_with_idempotency_key() {
+    let mut h = HeaderMap::new();
+    h.insert("idempotency-key", HeaderValue::from_static("k-1"));
+    h.insert("content-type", HeaderValue::from_static("application/json"));
+    let d = decide(&snapshot(), CHECKOUT, "POST", "/v1/payments", None, &h);
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(
+        d.reason.as_deref(),
+        Some("spiffe://pay.example/ns/shop/sa/checkout may POST /v1/payments")
+    );
+}
+
+#[test]
+fn missing_idempotency_key_is_denied_with_reason() {
+    let d = decide(
+        &snapshot(),
+        CHECKOUT,
+        "POST",
+        "/v1/payments",
+        None,
+        &HeaderMap::new(),
+    );
+    assert!(!d.allowed);
+    assert_eq!(d.http_status, Some(400));
+    assert_eq!(
+        d.reason.as_deref(),
+        Some("POST /v1/payments requires the idempotency-key header")
+    );
+}
+
+#[test]
+fn frontend_is_denied_naming_caller_and_request() {
+    let mut h = HeaderMap::new();
+    h.insert("idempotency-key", HeaderValue::from_static("k-1"));
+    let d = decide(&snapshot(), FRONTEND, "POST", "/v1/payments", None, &h);
+    assert!(!d.allowed);
+    assert_eq!(d.http_status, Some(403));
+    assert_eq!(
+        d.reason.as_deref(),
+        Some("spiffe://pay.example/ns/shop/sa/frontend may not POST /v1/payments")
+    );
+}
+
+#[test]
+fn reporting_reads_reports_and_query_is_kept_out_of_reason() {
+    let snap = snapshot();
+    let h = HeaderMap::new();
+    let d = decide(
+        &snap,
+        REPORTING,
+        "GET",
+        "/v1/reports/2026/11",
+        Some("format=csv"),
+        &h,
+    );
+    assert!(d.allowed, "{d:?}");
+    let d = decide(
+        &snap,
+        REPORTING,
+        "DELETE",
+        "/v1/reports/2026",
+        Some("card=4111"),
+        &h,
+    );
+    assert!(!d.allowed);
+    assert_eq!(
+        d.reason.as_deref(),
+        Some("spiffe://pay.example/ns/finance/sa/reporting may not DELETE /v1/reports/2026")
+    );
+}
+
+#[test]
+fn other_trust_domain_is_denied() {
+    let d = decide(
+        &snapshot(),
+        "spiffe://evil.example/ns/shop/sa/checkout",
+        "GET",
+        "/healthz",
+        None,
+        &HeaderMap::new(),
+    );
+    assert!(!d.allowed);
+    assert_eq!(
+        d.reason.as_deref(),
+        Some("spiffe://evil.example/ns/shop/sa/checkout is not in trust domain pay.example")
+    );
+}
+
+#[test]
+fn any_workload_of_the_trust_domain_may_get_healthz() {
+    let d = decide(
+        &snapshot(),
+        FRONTEND,
+        "GET",
+        "/healthz",
+        None,
+        &HeaderMap::new(),
+    );
+    assert!(d.allowed, "{d:?}");
+}
+
+#[test]
+fn snapshot_is_shared_across_threads() {
+    let snap = std::sync::Arc::new(snapshot());
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let snap = snap.clone();
+            std::thread::spawn(move || {
+                (0..50).all(|_| {
+                    decide(
+                        &snap,
+                        CHECKOUT,
+                        "GET",
+                        "/v1/payments/pay_1",
+                        None,
+                        &HeaderMap::new(),
+                    )
+                    .allowed
+                })
+            })
+        })
+        .collect();
+    for h in handles {
+        assert!(h.join().unwrap());
+    }
+}
