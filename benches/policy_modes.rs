@@ -181,7 +181,10 @@ fn decision(v: anyhow::Result<Value>) -> Result<Decision, String> {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this
+    // binary without it, where a short run still checks the modes agree.
+    let quick =
+        std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0")
         || std::env::var_os("RUST_LIB_BACKTRACE").is_some_and(|v| v != "0")
     {
