@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod tls;
+pub mod watch;
