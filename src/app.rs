@@ -129,7 +129,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             upstream_addr,
             Duration::from_millis(config.inbound.upstream_connect_timeout_ms),
             Duration::from_millis(config.inbound.upstream_timeout_ms),
-        ),
+        )
+        .map_err(|e| config::Error::Invalid {
+            key: "inbound.upstream".into(),
+            message: e.to_string(),
+        })?,
         limits: Limits {
             max_connections: config.inbound.max_connections,
             handshake_timeout: Duration::from_millis(config.inbound.handshake_timeout_ms),

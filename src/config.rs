@@ -7,7 +7,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -332,10 +331,6 @@ impl Config {
 
     pub fn upstream(&self) -> Result<SocketAddr, Error> {
         upstream_addr(&self.inbound.upstream)
-    }
-
-    pub fn timeout(ms: u64) -> Duration {
-        Duration::from_millis(ms)
     }
 
     /// The effective configuration as `/config` and the startup log show it.

@@ -72,7 +72,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(addr: SocketAddr, connect_timeout: Duration, timeout: Duration) -> Upstream {
+    pub fn new(
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Result<Upstream, http::uri::InvalidUri> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -80,13 +84,12 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(TokioTimer::new())
             .build(connector);
-        let authority = http::uri::Authority::try_from(addr.to_string().as_str())
-            .unwrap_or_else(|_| http::uri::Authority::from_static("127.0.0.1"));
-        Upstream {
+        let authority = http::uri::Authority::try_from(addr.to_string().as_str())?;
+        Ok(Upstream {
             client,
             authority,
             timeout,
-        }
+        })
     }
 }
 
