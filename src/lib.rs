@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod drain;
 pub mod identity;
+pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

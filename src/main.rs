@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
-use portcullis::{app, audit, certs, config::Config, demo, policy};
+use portcullis::{app, audit, certs, config::Config, demo, inject, policy};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,18 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Add the sidecar to Kubernetes workloads (multi-document YAML).
+    Inject {
+        /// Manifest file; `-` reads standard input.
+        #[arg(short = 'f', long = "filename", default_value = "-")]
+        file: PathBuf,
+        /// Sidecar image.
+        #[arg(long)]
+        image: Option<String>,
+        /// Where the sidecar's SVID comes from.
+        #[arg(long, value_enum, default_value = "cert-manager")]
+        identity: inject::IdentitySource,
+    },
 }
 
 #[derive(Args)]
@@ -151,6 +163,29 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => {
             let config = args.load()?;
             runtime()?.block_on(run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inject {
+            file,
+            image,
+            identity,
+        } => {
+            let input = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let mut opts = inject::Options {
+                identity,
+                ..inject::Options::default()
+            };
+            if let Some(image) = image {
+                opts.image = image;
+            }
+            let out =
+                inject::inject(&input, &opts).with_context(|| format!("{}", file.display()))?;
+            print!("{out}");
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo => {
