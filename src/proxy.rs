@@ -7,6 +7,7 @@
 //! the upstream with the verified identity. Every branch ends in exactly one
 //! audit record and one `portcullis_requests_total` increment.
 
+mod framing;
 pub mod path;
 
 use std::convert::Infallible;
@@ -305,6 +306,19 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             .record_request(decision, status, started.elapsed().as_secs_f64());
         response
     };
+
+    if let Err(why) = framing::check(&req) {
+        let reason = format!("malformed request refused before policy: {why}");
+        tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+        let resp = error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &reason,
+            &request_id,
+            None,
+        );
+        return finish(record, "deny", false, reason, resp);
+    }
 
     let path = match path::normalize(req.uri().path()) {
         Ok(p) => p,
