@@ -129,6 +129,11 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             upstream_addr,
             Duration::from_millis(config.inbound.upstream_connect_timeout_ms),
             Duration::from_millis(config.inbound.upstream_timeout_ms),
+            proxy::BreakerSettings {
+                failures: config.inbound.breaker_failures,
+                cooldown: Duration::from_millis(config.inbound.breaker_cooldown_ms),
+            },
+            &metrics,
         )
         .map_err(|e| config::Error::Invalid {
             key: "inbound.upstream".into(),

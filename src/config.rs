@@ -57,6 +57,10 @@ pub struct Inbound {
     pub header_read_timeout_ms: u64,
     pub upstream_connect_timeout_ms: u64,
     pub upstream_timeout_ms: u64,
+    /// Consecutive upstream transport failures that open the circuit.
+    pub breaker_failures: u32,
+    /// How long the circuit stays open before one probe is let through.
+    pub breaker_cooldown_ms: u64,
     /// How long in-flight requests may run after SIGTERM.
     pub drain_timeout_ms: u64,
     pub max_header_list_bytes: usize,
@@ -72,6 +76,8 @@ impl Default for Inbound {
             header_read_timeout_ms: 10_000,
             upstream_connect_timeout_ms: 1_000,
             upstream_timeout_ms: 15_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5_000,
             drain_timeout_ms: 20_000,
             max_header_list_bytes: 64 * 1024,
         }

@@ -78,14 +78,22 @@ pub struct DemoService {
 
 impl DemoService {
     pub async fn start() -> std::io::Result<DemoService> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        DemoService::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Binds `addr`: tests restart a "crashed" service on its old port.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<DemoService> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
         let log = received.clone();
         let task = tokio::spawn(async move {
+            // Connections live in this set, so dropping the service (aborting
+            // this task) kills them too, like a crashed process.
+            let mut connections = tokio::task::JoinSet::new();
             while let Ok((tcp, _)) = listener.accept().await {
                 let log = log.clone();
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let log = log.clone();
                         async move { Ok::<_, std::convert::Infallible>(answer(req, &log).await) }

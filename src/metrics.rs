@@ -36,7 +36,7 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub audit_written: IntCounter,
     pub audit_dropped: IntCounter,
-    /// kind = connect | timeout | protocol
+    /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
@@ -106,7 +106,7 @@ impl Metrics {
                 &["kind"],
             )?,
             circuit_breaker_state: IntGauge::new(
-                "portcullis_circuit_breaker_state",
+                "portcullis_upstream_circuit_state",
                 "Upstream circuit breaker: 0 closed, 1 open, 2 half-open",
             )?,
         };
@@ -140,7 +140,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.policy_reloads.with_label_values(&[result]);
         }
-        for kind in ["connect", "timeout", "protocol"] {
+        for kind in ["connect", "timeout", "protocol", "circuit_open"] {
             m.upstream_errors.with_label_values(&[kind]);
         }
         Ok(m)

@@ -7,6 +7,7 @@
 //! the upstream with the verified identity. Every branch ends in exactly one
 //! audit record and one `portcullis_requests_total` increment.
 
+mod breaker;
 mod framing;
 pub mod path;
 
@@ -70,6 +71,13 @@ pub struct Upstream {
     client: Client<HttpConnector, Incoming>,
     authority: http::uri::Authority,
     timeout: Duration,
+    breaker: breaker::Breaker,
+}
+
+/// When the circuit breaker opens, and for how long.
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub cooldown: Duration,
 }
 
 impl Upstream {
@@ -77,6 +85,8 @@ impl Upstream {
         addr: SocketAddr,
         connect_timeout: Duration,
         timeout: Duration,
+        breaker: BreakerSettings,
+        metrics: &Metrics,
     ) -> Result<Upstream, http::uri::InvalidUri> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
@@ -90,6 +100,11 @@ impl Upstream {
             client,
             authority,
             timeout,
+            breaker: breaker::Breaker::new(
+                breaker.failures,
+                breaker.cooldown,
+                metrics.circuit_breaker_state.clone(),
+            ),
         })
     }
 }
@@ -461,11 +476,30 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     parts.version = Version::HTTP_11;
 
     let upstream = &shared.upstream;
+    let Some(admission) = upstream.breaker.admit() else {
+        shared
+            .metrics
+            .upstream_errors
+            .with_label_values(&["circuit_open"])
+            .inc();
+        let message = "upstream circuit open after repeated failures; not tried".to_string();
+        let resp = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream_unavailable",
+            &message,
+            &request_id,
+            None,
+        );
+        return finish(record, "allow", true, format!("{reason}; {message}"), resp);
+    };
     let sent = tokio::time::timeout(
         upstream.timeout,
         upstream.client.request(Request::from_parts(parts, body)),
     )
     .await;
+    // Only transport failures count against the service: a 5xx it chose to
+    // send is an answer, not an outage.
+    admission.record(matches!(&sent, Ok(Ok(_))) || matches!(&sent, Ok(Err(e)) if !e.is_connect()));
     let (kind, status, message) = match sent {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();

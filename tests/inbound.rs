@@ -475,3 +475,73 @@ async fn shutdown_lets_in_flight_requests_finish() {
         .contains("\"kind\":\"shutdown\""));
     assert!(text.contains("\"status\":200"));
 }
+
+#[tokio::test]
+async fn circuit_opens_on_a_dead_upstream_and_closes_when_it_returns() {
+    let mut h = Harness::start_with(&shipped_policy(), |c| {
+        c.inbound.breaker_failures = 2;
+        c.inbound.breaker_cooldown_ms = 200;
+    })
+    .await;
+    let checkout = h.pki.client(CHECKOUT);
+    let get = |c| h.call(c, "GET", "/v1/payments/p1", &[]);
+    assert_eq!(get(checkout.clone()).await.unwrap().status, 200);
+
+    // Kill the service: its listener and open connections go away.
+    let addr = h.service.addr;
+    h.service = portcullis::demo::DemoService::start().await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            h.call(checkout.clone(), "GET", "/v1/payments/p1", &[])
+                .await
+                .unwrap()
+                .status,
+            503
+        );
+    }
+    let metrics = h.running().metrics.clone();
+    assert_eq!(
+        metrics.circuit_breaker_state.get(),
+        1,
+        "circuit should be open"
+    );
+    let started = std::time::Instant::now();
+    let reply = h
+        .call(checkout.clone(), "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 503);
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert_eq!(
+        metrics
+            .upstream_errors
+            .with_label_values(&["circuit_open"])
+            .get(),
+        1
+    );
+
+    // Bring it back on the same address: after the cooldown a probe closes
+    // the circuit and requests flow again.
+    let revived = portcullis::demo::DemoService::start_on(addr).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let status = h
+            .call(checkout.clone(), "GET", "/v1/payments/p1", &[])
+            .await
+            .unwrap()
+            .status;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "circuit never closed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.circuit_breaker_state.get(), 0);
+    assert_eq!(revived.received().len(), 1);
+}
