@@ -139,6 +139,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             key: "inbound.upstream".into(),
             message: e.to_string(),
         })?,
+        rate_limiter: crate::ratelimit::RateLimiter::new(&config.rate_limit),
         limits: Limits {
             max_connections: config.inbound.max_connections,
             handshake_timeout: Duration::from_millis(config.inbound.handshake_timeout_ms),

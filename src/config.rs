@@ -44,6 +44,8 @@ pub struct Config {
     pub audit: Audit,
     #[serde(default)]
     pub admin: Admin,
+    #[serde(default)]
+    pub rate_limit: crate::ratelimit::Config,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

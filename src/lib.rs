@@ -16,5 +16,6 @@ pub mod inject;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod tls;
 pub mod watch;

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub audit_dropped: IntCounter,
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
+    pub rate_limited: IntCounter,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
 }
@@ -105,6 +106,10 @@ impl Metrics {
                 ),
                 &["kind"],
             )?,
+            rate_limited: IntCounter::new(
+                "portcullis_rate_limited_total",
+                "Requests refused with 429 because their caller was over its rate limit",
+            )?,
             circuit_breaker_state: IntGauge::new(
                 "portcullis_upstream_circuit_state",
                 "Upstream circuit breaker: 0 closed, 1 open, 2 half-open",
@@ -121,6 +126,7 @@ impl Metrics {
         registry.register(Box::new(m.audit_written.clone()))?;
         registry.register(Box::new(m.audit_dropped.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;
+        registry.register(Box::new(m.rate_limited.clone()))?;
         registry.register(Box::new(m.circuit_breaker_state.clone()))?;
         // Families with labels appear in the exposition only once a child
         // exists; pre-create the fixed sets so dashboards and alerts see

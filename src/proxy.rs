@@ -117,6 +117,7 @@ pub struct Shared {
     pub audit: AuditSink,
     pub upstream: Upstream,
     pub limits: Limits,
+    pub rate_limiter: crate::ratelimit::RateLimiter,
 }
 
 /// What a request knows about the connection it arrived on.
@@ -350,6 +351,25 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             return finish(record, "deny", false, reason, resp);
         }
     };
+    if let crate::ratelimit::Verdict::Limited { retry_after } = shared
+        .rate_limiter
+        .check(ctx.peer.spiffe_id.as_str(), &path)
+    {
+        shared.metrics.rate_limited.inc();
+        let reason = format!("{} is over its rate limit", ctx.peer.spiffe_id);
+        tracing::info!(request_id, "{reason}");
+        let mut resp = error_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &reason,
+            &request_id,
+            None,
+        );
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return finish(record, "deny", false, reason, resp);
+    }
     let query = req.uri().query().map(str::to_owned);
     if let Some(r) = record.event.request.as_mut() {
         let target = match &query {

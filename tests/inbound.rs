@@ -545,3 +545,51 @@ async fn circuit_opens_on_a_dead_upstream_and_closes_when_it_returns() {
     assert_eq!(metrics.circuit_breaker_state.get(), 0);
     assert_eq!(revived.received().len(), 1);
 }
+
+#[tokio::test]
+async fn caller_over_its_rate_gets_429_while_others_are_unaffected() {
+    let mut h = Harness::start_with(&shipped_policy(), |c| {
+        // Slow enough that no token comes back during the test.
+        c.rate_limit.requests_per_second = 0.01;
+        c.rate_limit.burst = 2;
+    })
+    .await;
+    let checkout = h.pki.client(CHECKOUT);
+    for _ in 0..2 {
+        let r = h
+            .call(checkout.clone(), "GET", "/v1/payments/p1", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let limited = h
+        .call(checkout, "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
+    assert_eq!(limited.status, 429);
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1, "{retry}");
+    // Another identity has its own bucket.
+    let r = h
+        .call(h.pki.client(REPORTING), "GET", "/v1/reports/daily", &[])
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(h.service.received().len(), 3);
+    assert_eq!(h.running().metrics.rate_limited.get(), 1);
+    let events = h.stop().await;
+    let limited: Vec<_> = requests(&events)
+        .into_iter()
+        .filter(|e| e["response"]["status"] == 429)
+        .collect();
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0]["decision"]["allowed"], false);
+    assert!(limited[0]["decision"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("rate limit"));
+}
