@@ -145,6 +145,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             handshake_timeout: Duration::from_millis(config.inbound.handshake_timeout_ms),
             header_read_timeout: Duration::from_millis(config.inbound.header_read_timeout_ms),
             max_header_list_bytes: config.inbound.max_header_list_bytes,
+            max_request_body_bytes: config.inbound.max_request_body_bytes,
+            h2_max_concurrent_streams: config.inbound.h2_max_concurrent_streams,
         },
     });
     let admin_state = Arc::new(admin::State {

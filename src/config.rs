@@ -66,6 +66,9 @@ pub struct Inbound {
     /// How long in-flight requests may run after SIGTERM.
     pub drain_timeout_ms: u64,
     pub max_header_list_bytes: usize,
+    /// Larger request bodies get 413, counted while streaming.
+    pub max_request_body_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
 }
 
 impl Default for Inbound {
@@ -82,6 +85,8 @@ impl Default for Inbound {
             breaker_cooldown_ms: 5_000,
             drain_timeout_ms: 20_000,
             max_header_list_bytes: 64 * 1024,
+            max_request_body_bytes: 10 * 1024 * 1024,
+            h2_max_concurrent_streams: 100,
         }
     }
 }

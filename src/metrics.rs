@@ -39,6 +39,8 @@ pub struct Metrics {
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
+    /// limit = header_bytes | body_bytes
+    pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
 }
@@ -106,6 +108,13 @@ impl Metrics {
                 ),
                 &["kind"],
             )?,
+            limits_exceeded: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_request_limits_exceeded_total",
+                    "Requests refused because they exceeded a size limit",
+                ),
+                &["limit"],
+            )?,
             rate_limited: IntCounter::new(
                 "portcullis_rate_limited_total",
                 "Requests refused with 429 because their caller was over its rate limit",
@@ -127,6 +136,7 @@ impl Metrics {
         registry.register(Box::new(m.audit_dropped.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.rate_limited.clone()))?;
+        registry.register(Box::new(m.limits_exceeded.clone()))?;
         registry.register(Box::new(m.circuit_breaker_state.clone()))?;
         // Families with labels appear in the exposition only once a child
         // exists; pre-create the fixed sets so dashboards and alerts see
@@ -142,6 +152,9 @@ impl Metrics {
             "timeout",
         ] {
             m.tls_handshakes.with_label_values(&[result]);
+        }
+        for limit in ["header_bytes", "body_bytes"] {
+            m.limits_exceeded.with_label_values(&[limit]);
         }
         for result in ["ok", "error"] {
             m.policy_reloads.with_label_values(&[result]);

@@ -20,7 +20,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -64,11 +64,13 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_read_timeout: Duration,
     pub max_header_list_bytes: usize,
+    pub max_request_body_bytes: usize,
+    pub h2_max_concurrent_streams: u32,
 }
 
 /// The local service, reached through a pooled keep-alive client.
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Limited<Incoming>>,
     authority: http::uri::Authority,
     timeout: Duration,
     breaker: breaker::Breaker,
@@ -230,12 +232,24 @@ async fn handle_connection(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(shared.limits.header_read_timeout)
-        .max_buf_size(shared.limits.max_header_list_bytes.max(8192));
+        // hyper's own cap sits above ours so that an oversized head normally
+        // reaches our counted 431; hyper answers 431 itself beyond it.
+        .max_buf_size(
+            shared
+                .limits
+                .max_header_list_bytes
+                .saturating_mul(2)
+                .max(8192),
+        );
     builder
         .http2()
         .timer(TokioTimer::new())
+        // hyper also bounds pending and locally-errored resets per
+        // connection (rapid-reset floods); its defaults stay in force.
+        .max_concurrent_streams(shared.limits.h2_max_concurrent_streams)
         .max_header_list_size(
-            u32::try_from(shared.limits.max_header_list_bytes).unwrap_or(u32::MAX),
+            u32::try_from(shared.limits.max_header_list_bytes.saturating_mul(2))
+                .unwrap_or(u32::MAX),
         );
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
@@ -323,6 +337,38 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         response
     };
 
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
+    if header_bytes > shared.limits.max_header_list_bytes {
+        shared
+            .metrics
+            .limits_exceeded
+            .with_label_values(&["header_bytes"])
+            .inc();
+        let reason = format!(
+            "request headers exceed {} bytes",
+            shared.limits.max_header_list_bytes
+        );
+        let resp = error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            &reason,
+            &request_id,
+            None,
+        );
+        return finish(record, "deny", false, reason, resp);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > shared.limits.max_request_body_bytes as u64) {
+        return body_too_large(shared, record, &request_id, finish);
+    }
     if let Err(why) = framing::check(&req) {
         let reason = format!("malformed request refused before policy: {why}");
         tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
@@ -514,7 +560,11 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     };
     let sent = tokio::time::timeout(
         upstream.timeout,
-        upstream.client.request(Request::from_parts(parts, body)),
+        upstream.client.request(Request::from_parts(
+            parts,
+            // Counted while streaming: the body is never buffered whole.
+            Limited::new(body, shared.limits.max_request_body_bytes),
+        )),
     )
     .await;
     // Only transport failures count against the service: a 5xx it chose to
@@ -531,6 +581,9 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             }
             let resp = Response::from_parts(parts, Either::Left(body));
             return finish(record, "allow", true, reason, resp);
+        }
+        Ok(Err(e)) if is_length_limit(&e) => {
+            return body_too_large(shared, record, &request_id, finish);
         }
         Ok(Err(e)) if e.is_connect() => (
             "connect",
@@ -556,6 +609,45 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     tracing::warn!(request_id, kind, "{message}");
     let resp = error_response(status, "upstream_error", &message, &request_id, None);
     finish(record, "allow", true, format!("{reason}; {message}"), resp)
+}
+
+fn body_too_large<F>(
+    shared: &Shared,
+    record: audit::RequestRecord,
+    request_id: &str,
+    finish: F,
+) -> Response<Body>
+where
+    F: Fn(audit::RequestRecord, &str, bool, String, Response<Body>) -> Response<Body>,
+{
+    shared
+        .metrics
+        .limits_exceeded
+        .with_label_values(&["body_bytes"])
+        .inc();
+    let reason = format!(
+        "request body exceeds {} bytes",
+        shared.limits.max_request_body_bytes
+    );
+    let resp = error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "body_too_large",
+        &reason,
+        request_id,
+        None,
+    );
+    finish(record, "deny", false, reason, resp)
+}
+
+fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if err.is::<LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// `By=<own id>;Hash=<sha256 of the peer leaf>;URI=<peer id>`, Envoy's XFCC.

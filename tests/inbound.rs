@@ -593,3 +593,85 @@ async fn caller_over_its_rate_gets_429_while_others_are_unaffected() {
         .unwrap()
         .contains("rate limit"));
 }
+
+#[tokio::test]
+async fn oversized_headers_and_bodies_are_refused_and_counted() {
+    let h = Harness::start_with(&shipped_policy(), |c| {
+        c.inbound.max_header_list_bytes = 2048;
+        c.inbound.max_request_body_bytes = 1024;
+    })
+    .await;
+    let checkout = h.pki.client(CHECKOUT);
+    let big = "x".repeat(3000);
+    let r = h
+        .call(
+            checkout.clone(),
+            "GET",
+            "/v1/payments/p1",
+            &[("x-big", &big)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 431);
+
+    // Declared too large: refused before anything is forwarded.
+    let r = portcullis::demo::call(
+        h.running().inbound_addr,
+        checkout.clone(),
+        "POST",
+        "/v1/payments",
+        &[("idempotency-key", "k")],
+        &"y".repeat(2000),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 413);
+
+    // Chunked, no length: counted while streaming.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(h.running().inbound_addr)
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(checkout.clone())
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut raw = b"POST /v1/payments HTTP/1.1\r\nHost: localhost\r\nidempotency-key: k\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        raw.extend_from_slice(b"200\r\n");
+        raw.extend_from_slice(&[b'z'; 512]);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    tls.write_all(&raw).await.unwrap();
+    let mut resp = Vec::new();
+    let _ = tls.read_to_end(&mut resp).await;
+    let text = String::from_utf8_lossy(&resp);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+
+    let ok = h
+        .call(checkout, "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let m = &h.running().metrics;
+    assert_eq!(
+        m.limits_exceeded.with_label_values(&["header_bytes"]).get(),
+        1
+    );
+    assert_eq!(
+        m.limits_exceeded.with_label_values(&["body_bytes"]).get(),
+        2
+    );
+    // Only the last request, and none of the oversized bodies in full,
+    // reached the service.
+    let got = h.service.received();
+    assert!(
+        got.iter().all(|r| r.body.len() <= 1024),
+        "an oversized body was forwarded whole"
+    );
+    assert_eq!(got.iter().filter(|r| r.method == "GET").count(), 1);
+}
