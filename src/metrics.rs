@@ -39,7 +39,7 @@ pub struct Metrics {
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
-    /// limit = header_bytes | body_bytes
+    /// limit = header_bytes | body_bytes | header_timeout
     pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
@@ -153,7 +153,7 @@ impl Metrics {
         ] {
             m.tls_handshakes.with_label_values(&[result]);
         }
-        for limit in ["header_bytes", "body_bytes"] {
+        for limit in ["header_bytes", "body_bytes", "header_timeout"] {
             m.limits_exceeded.with_label_values(&[limit]);
         }
         for result in ["ok", "error"] {

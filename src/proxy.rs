@@ -262,7 +262,21 @@ async fn handle_connection(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        // hyper reports its header-read timeout (slowloris) as a timeout
+        // error; the connection is already closed.
+        let timed_out = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout);
+        if timed_out {
+            shared
+                .metrics
+                .limits_exceeded
+                .with_label_values(&["header_timeout"])
+                .inc();
+            tracing::info!(peer = %peer_addr, "closed a connection that did not send its request head in time");
+        } else {
+            tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        }
     }
 }
 

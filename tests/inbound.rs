@@ -675,3 +675,85 @@ async fn oversized_headers_and_bodies_are_refused_and_counted() {
     );
     assert_eq!(got.iter().filter(|r| r.method == "GET").count(), 1);
 }
+
+#[tokio::test]
+async fn slowloris_is_cut_off_without_hurting_a_good_client() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start_with(&shipped_policy(), |c| {
+        c.inbound.header_read_timeout_ms = 300;
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(h.running().inbound_addr)
+        .await
+        .unwrap();
+    let mut slow = tokio_rustls::TlsConnector::from(h.pki.client(CHECKOUT))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    slow.write_all(b"GET /v1/payments/p1 HTTP/1.1\r\nHost: local")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // A good client is served while the slow one dangles.
+    let ok = h
+        .call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        slow.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(read.is_ok(), "the slow connection was never closed");
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(250),
+        "{elapsed:?}"
+    );
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+    let metrics = h.running().metrics.clone();
+    eventually("slowloris counted", || {
+        metrics
+            .limits_exceeded
+            .with_label_values(&["header_timeout"])
+            .get()
+            == 1
+    })
+    .await;
+    assert_eq!(h.service.received().len(), 1);
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_extra_connections_only() {
+    let h = Harness::start_with(&shipped_policy(), |c| c.inbound.max_connections = 1).await;
+    // Hold the single slot with an established, authenticated connection.
+    let tcp = tokio::net::TcpStream::connect(h.running().inbound_addr)
+        .await
+        .unwrap();
+    let held = tokio_rustls::TlsConnector::from(h.pki.client(CHECKOUT))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let metrics = h.running().metrics.clone();
+    eventually("connection open", || metrics.open_connections.get() == 1).await;
+    let refused = h
+        .call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[])
+        .await;
+    assert!(refused.is_err(), "a connection over the limit was served");
+    assert_eq!(metrics.connections_refused.get(), 1);
+    drop(held);
+    eventually("slot released", || metrics.open_connections.get() == 0).await;
+    let ok = h
+        .call(h.pki.client(CHECKOUT), "GET", "/v1/payments/p1", &[])
+        .await
+        .unwrap();
+    assert_eq!(ok.status, 200);
+}
