@@ -238,13 +238,11 @@ fn reject_handshake(shared: &Shared, peer_addr: SocketAddr, reason: &str, messag
         .tls_handshakes
         .with_label_values(&[reason])
         .inc();
+    let message = audit::redact_pans(message);
     tracing::warn!(peer = %peer_addr, reason, "TLS handshake refused: {message}");
-    let mut event = Event::with_detail(Kind::HandshakeRejected, format!("{reason}: {message}"));
-    event.source = Some(audit::Source {
-        spiffe_id: None,
-        address: peer_addr.to_string(),
-    });
-    shared.audit.record(event);
+    shared
+        .audit
+        .record(Event::handshake_rejected(peer_addr, None, reason, &message));
 }
 
 async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) -> Response<Body> {
@@ -267,18 +265,25 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     event.request = Some(audit::Request {
         method: method.clone(),
         path: audit::redact_pans(raw_target).into_owned(),
+        headers: Some(shared.audit.header_policy().redact(req.headers())),
     });
     let Some(mut record) = shared.audit.reserve(event) else {
-        // Serving without a record would break the audit promise.
-        tracing::error!(request_id, "audit queue full: refusing request");
-        shared.metrics.audit_dropped.inc();
+        // Serving without a record would break the audit promise
+        // (audit.on_full = "fail_closed").
+        let why = if shared.audit.is_failing() {
+            "the audit trail cannot be written; request refused"
+        } else {
+            "the audit trail is not keeping up; request refused"
+        };
+        tracing::error!(request_id, "{why}");
+        shared.audit.refused();
         shared
             .metrics
             .record_request("error", 503, started.elapsed().as_secs_f64());
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",
-            "the audit trail is not keeping up; request refused",
+            why,
             &request_id,
             None,
         );
@@ -293,7 +298,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         let mut record = record;
         record.event.decision = Some(audit::Decision {
             allowed,
-            reason,
+            reason: audit::redact_pans(&reason).into_owned(),
             policy_revision: policy.revision.clone(),
         });
         record.finish(status);
@@ -307,7 +312,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Ok(p) => p,
         Err(e) => {
             let reason = format!("request path refused before policy: {e}");
-            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
             let resp = error_response(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -367,7 +372,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Ok(d) => d,
         Err(e) => {
             let reason = format!("policy evaluation failed: {e}");
-            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
             let resp = error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "policy_error",
@@ -387,7 +392,15 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                 short(&policy.revision)
             )
         });
-        tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "denied: {reason}");
+        // Logs get what the audit trail gets: card numbers masked.
+        tracing::info!(
+            request_id,
+            peer = %ctx.peer.spiffe_id,
+            method,
+            path = %audit::redact_pans(&path),
+            "denied: {}",
+            audit::redact_pans(&reason)
+        );
         // A policy may choose the status, but a deny is always an error status.
         let status = decision
             .http_status
@@ -482,7 +495,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .upstream_errors
         .with_label_values(&[kind])
         .inc();
-    tracing::warn!(request_id, kind, "{message}");
+    tracing::warn!(request_id, kind, "{}", audit::redact_pans(&message));
     let resp = error_response(status, "upstream_error", &message, &request_id, None);
     finish(record, "allow", true, format!("{reason}; {message}"), resp)
 }
@@ -516,7 +529,9 @@ fn add_policy_headers(headers: &mut HeaderMap, decision: &Decision) {
             (Ok(n), Ok(v)) if n != XFCC && n != X_SPIFFE_ID => {
                 headers.insert(n, v);
             }
-            _ => tracing::warn!(header = %name, "policy header ignored: invalid or reserved"),
+            _ => {
+                tracing::warn!(header = %audit::redact_pans(name), "policy header ignored: invalid or reserved")
+            }
         }
     }
 }
