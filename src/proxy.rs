@@ -158,13 +158,15 @@ async fn handle_connection(
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 let (failure, message) = tls::classify_handshake_error(&e);
-                reject_handshake(shared, peer_addr, failure.label(), &message);
+                let presented = tls::presented_spiffe_id(&e);
+                reject_handshake(shared, peer_addr, presented, failure.label(), &message);
                 return;
             }
             Err(_) => {
                 reject_handshake(
                     shared,
                     peer_addr,
+                    None,
                     "timeout",
                     "handshake did not finish in time",
                 );
@@ -176,6 +178,7 @@ async fn handle_connection(
         reject_handshake(
             shared,
             peer_addr,
+            None,
             "bad_svid",
             "no SPIFFE ID in the verified client certificate",
         );
@@ -232,17 +235,23 @@ async fn handle_connection(
     }
 }
 
-fn reject_handshake(shared: &Shared, peer_addr: SocketAddr, reason: &str, message: &str) {
+fn reject_handshake(
+    shared: &Shared,
+    peer_addr: SocketAddr,
+    presented: Option<String>,
+    reason: &str,
+    message: &str,
+) {
     shared
         .metrics
         .tls_handshakes
         .with_label_values(&[reason])
         .inc();
     let message = audit::redact_pans(message);
-    tracing::warn!(peer = %peer_addr, reason, "TLS handshake refused: {message}");
-    shared
-        .audit
-        .record(Event::handshake_rejected(peer_addr, None, reason, &message));
+    tracing::warn!(peer = %peer_addr, presented = ?presented, reason, "TLS handshake refused: {message}");
+    shared.audit.record(Event::handshake_rejected(
+        peer_addr, presented, reason, &message,
+    ));
 }
 
 async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) -> Response<Body> {

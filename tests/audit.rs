@@ -471,3 +471,49 @@ async fn every_emitted_line_matches_the_json_schema() {
     let bad = serde_json::json!({"ts": "x", "seq": 1, "kind": "nope", "prev": "", "hash": ""});
     assert!(!validator.is_valid(&bad));
 }
+
+#[tokio::test]
+async fn refused_handshakes_name_the_presented_spiffe_id() {
+    let mut h = Harness::start().await;
+    let rogue = portcullis::certs::DevCa::new(TD).unwrap();
+    let untrusted = h
+        .pki
+        .client_from(
+            &rogue,
+            &portcullis::certs::LeafSpec::svid(REPORTING),
+            &[b"http/1.1"],
+        )
+        .0;
+    assert!(h.call(untrusted, "GET", "/", &[]).await.is_err());
+    assert!(h.call(h.pki.anonymous(), "GET", "/", &[]).await.is_err());
+    let metrics = h.running().metrics.clone();
+    eventually("both refusals", || {
+        metrics
+            .tls_handshakes
+            .with_label_values(&["untrusted_chain"])
+            .get()
+            == 1
+            && metrics
+                .tls_handshakes
+                .with_label_values(&["no_client_cert"])
+                .get()
+                == 1
+    })
+    .await;
+    let events = h.stop().await;
+    let rejected: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "handshake_rejected")
+        .collect();
+    assert_eq!(rejected.len(), 2);
+    let untrusted = rejected
+        .iter()
+        .find(|e| e["detail"].as_str().unwrap().starts_with("untrusted_chain"))
+        .unwrap();
+    assert_eq!(untrusted["source"]["spiffe_id"], REPORTING);
+    let anonymous = rejected
+        .iter()
+        .find(|e| e["detail"].as_str().unwrap().starts_with("no_client_cert"))
+        .unwrap();
+    assert!(anonymous["source"].get("spiffe_id").is_none());
+}
