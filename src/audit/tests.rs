@@ -277,3 +277,165 @@ async fn write_errors_fail_open_record_a_gap_when_writing_resumes() {
     assert_eq!(first["lost"], 2);
     assert_eq!(first["refused"], 1);
 }
+
+/// A FIFO whose reader goes away makes every write fail with EPIPE; when a
+/// reader comes back, writes succeed again. That is a writer that fails and
+/// recovers, on demand.
+struct Fifo {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fifo {
+    fn new() -> Fifo {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.fifo");
+        let ok = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        Fifo { path, _dir: dir }
+    }
+
+    /// Opens the read end on a thread (the open blocks until a writer
+    /// exists) and forwards every line read, until `stop` is set.
+    fn reader(&self) -> Reader {
+        use std::io::BufRead;
+        let (tx, lines) = std::sync::mpsc::channel();
+        let (opened_tx, opened) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let path = self.path.clone();
+        let stop_reading = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let file = std::fs::File::open(path).unwrap();
+            let _ = opened_tx.send(());
+            for line in std::io::BufReader::new(file).lines() {
+                let Ok(line) = line else { break };
+                let last = stop_reading.load(Ordering::Acquire);
+                if tx.send(line).is_err() || last {
+                    break;
+                }
+            }
+        });
+        Reader {
+            lines,
+            opened,
+            stop,
+            thread,
+        }
+    }
+}
+
+struct Reader {
+    lines: std::sync::mpsc::Receiver<String>,
+    opened: std::sync::mpsc::Receiver<()>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Reader {
+    /// Closes the read end once `sink`'s next line has been read, and
+    /// returns when it is closed: from then on writes fail with EPIPE.
+    fn close_after_next(self, sink: &AuditSink) {
+        self.stop.store(true, Ordering::Release);
+        sink.record(Event::with_detail(Kind::Startup, "the reader's last line"));
+        self.thread.join().unwrap();
+    }
+
+    fn wait_open(&self) {
+        self.opened
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the reader opened the FIFO");
+    }
+}
+
+fn next_line(rx: &std::sync::mpsc::Receiver<String>) -> serde_json::Value {
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a line from the FIFO");
+    serde_json::from_str(&line).unwrap()
+}
+
+async fn wait_until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_writes_a_gap_when_a_broken_pipe_recovers() {
+    let fifo = Fifo::new();
+    let reader = fifo.reader();
+    let metrics = metrics();
+    let mut options = Options::new(fifo.path.to_str().unwrap(), 8);
+    options.on_full = OnFull::FailOpen;
+    let (sink, writer) = start_with(options, metrics.clone()).unwrap();
+    sink.record(Event::with_detail(Kind::Startup, "first"));
+    assert_eq!(next_line(&reader.lines)["detail"], "first");
+
+    // The reader goes away: the next writes fail with EPIPE.
+    reader.close_after_next(&sink);
+    let before = metrics.audit_dropped.get();
+    for k in 0..3 {
+        sink.record(Event::with_detail(Kind::Startup, format!("lost {k}")));
+        wait_until("the write to fail", || {
+            metrics.audit_dropped.get() > before + k
+        })
+        .await;
+    }
+    assert!(sink.is_failing());
+    // Under fail_open, requests are still served while the writer fails.
+    assert!(sink.reserve(Event::new(Kind::Request)).is_some());
+    wait_until("the abandoned record to be counted", || {
+        metrics.audit_dropped.get() == before + 4
+    })
+    .await;
+
+    // A reader again: the next line is a gap naming what was lost.
+    let reader = fifo.reader();
+    reader.wait_open();
+    sink.record(Event::with_detail(Kind::Startup, "after"));
+    let gap = next_line(&reader.lines);
+    assert_eq!(gap["kind"], "gap", "{gap}");
+    assert_eq!(gap["lost"], 4);
+    assert_eq!(next_line(&reader.lines)["detail"], "after");
+    wait_until("the writer to recover", || !sink.is_failing()).await;
+    writer.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_refuses_while_failing_and_loses_nothing_when_it_recovers() {
+    let fifo = Fifo::new();
+    let reader = fifo.reader();
+    let metrics = metrics();
+    let mut options = Options::new(fifo.path.to_str().unwrap(), 8);
+    options.retry_interval = Duration::from_millis(5);
+    let (sink, writer) = start_with(options, metrics.clone()).unwrap();
+    sink.record(Event::with_detail(Kind::Startup, "first"));
+    assert_eq!(next_line(&reader.lines)["detail"], "first");
+    reader.close_after_next(&sink);
+
+    let record = sink.reserve(Event::new(Kind::Request)).unwrap();
+    record.finish(200);
+    wait_until("the writer to fail", || sink.is_failing()).await;
+    assert!(sink.reserve(Event::new(Kind::Request)).is_none());
+    sink.refused();
+
+    let reader = fifo.reader();
+    let lines = &reader.lines;
+    // The write it kept retrying lands: the accepted record is not lost.
+    let retried = next_line(lines);
+    assert_eq!(retried["kind"], "request", "{retried}");
+    assert_eq!(retried["response"]["status"], 200);
+    wait_until("the writer to recover", || !sink.is_failing()).await;
+    assert!(sink.reserve(Event::new(Kind::Request)).is_some());
+    sink.record(Event::with_detail(Kind::Startup, "after"));
+    let gap = next_line(lines);
+    assert_eq!(gap["kind"], "gap", "{gap}");
+    assert_eq!(gap["refused"], 1);
+    assert_eq!(gap["lost"], 0);
+    writer.finish().await;
+}
