@@ -29,7 +29,9 @@ use tokio::sync::mpsc;
 
 pub use self::chain::{Chain, Hasher, GENESIS};
 pub use self::redact::{redact_pans, HeaderPolicy, SECRET_HEADERS, WITHHELD};
-pub use self::verify::{verify, verify_files, verify_text, Broken, Verified, VerifyFilesError};
+pub use self::verify::{
+    verify, verify_files, verify_text, Broken, Gap, Verified, VerifyFilesError,
+};
 use crate::config::{self, Fsync, OnFull};
 use crate::metrics::Metrics;
 

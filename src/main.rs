@@ -209,12 +209,15 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                             "note: the trail continues from an earlier file not given (prev {from})"
                         );
                     }
-                    for (file, line, lost) in &v.gaps {
-                        let at = match file {
-                            Some(f) => format!("{}:{line}", f.display()),
-                            None => line.to_string(),
+                    for gap in &v.gaps {
+                        let at = match &gap.file {
+                            Some(f) => format!("{}:{}", f.display(), gap.line),
+                            None => gap.line.to_string(),
                         };
-                        println!("gap: {at}: {lost} event(s) were not recorded");
+                        println!(
+                            "gap: {at}: {} event(s) could not be written, {} request(s) were refused unrecorded",
+                            gap.lost, gap.refused
+                        );
                     }
                     Ok(ExitCode::SUCCESS)
                 }

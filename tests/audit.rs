@@ -165,6 +165,14 @@ async fn load_test(max_bytes: u64) {
     );
     if max_bytes > 0 {
         assert!(files.len() > 3, "rotation did not happen: {files:?}");
+        // The CLI takes the rotated files in any order (here: directory order).
+        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let (ok, out) = verify_cli(&paths, None).await;
+        assert!(ok, "{out}");
+        assert!(
+            out.contains(&format!("{} events verified", events.len())),
+            "{out}"
+        );
         let rotated = events.iter().filter(|e| e["kind"] == "rotated").count();
         assert_eq!(rotated, files.len() - 1);
     }
@@ -441,7 +449,15 @@ async fn every_emitted_line_matches_the_json_schema() {
     ));
     sink.record(audit::Event::shutdown("bye"));
     writer.finish().await;
-    for f in trail_files(&path) {
+    let files = trail_files(&path);
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let (ok, out) = verify_cli(&paths, None).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("0 event(s) could not be written, 1 request(s) were refused unrecorded"),
+        "{out}"
+    );
+    for f in &files {
         text.push_str(&std::fs::read_to_string(f).unwrap());
     }
     let mut kinds = std::collections::BTreeSet::new();

@@ -36,9 +36,19 @@ pub struct Verified {
     /// The trail starts with a rotation event whose predecessor file was
     /// not given (rotated away): the hash it continues from.
     pub continues_from: Option<String>,
-    /// `gap` events: (file, line, events lost). The chain is intact around
-    /// them, but the writer could not record that many events.
-    pub gaps: Vec<(Option<PathBuf>, usize, u64)>,
+    /// `gap` events. The chain is intact around them, but the writer could
+    /// not record everything.
+    pub gaps: Vec<Gap>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub file: Option<PathBuf>,
+    pub line: usize,
+    /// Events that could not be written.
+    pub lost: u64,
+    /// Requests refused because their record could not be reserved.
+    pub refused: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +138,7 @@ struct Parsed<'a> {
     seq: Option<u64>,
     kind: String,
     lost: Option<u64>,
+    refused: Option<u64>,
 }
 
 fn parse<'a>(line: &'a str, hasher: &Hasher) -> Result<Parsed<'a>, String> {
@@ -159,6 +170,7 @@ fn parse<'a>(line: &'a str, hasher: &Hasher) -> Result<Parsed<'a>, String> {
             .unwrap_or("")
             .to_owned(),
         lost: value.get("lost").and_then(|l| l.as_u64()),
+        refused: value.get("refused").and_then(|l| l.as_u64()),
     })
 }
 
@@ -231,11 +243,12 @@ fn walk(lines: &[Line<'_>], hasher: &Hasher) -> Result<Verified, Broken> {
         let seq = p.seq.unwrap_or(0);
         expected_seq = Some(seq + 1);
         if p.kind == "gap" {
-            out.gaps.push((
-                lines[i].file.map(Path::to_owned),
-                lines[i].no,
-                p.lost.unwrap_or(0),
-            ));
+            out.gaps.push(Gap {
+                file: lines[i].file.map(Path::to_owned),
+                line: lines[i].no,
+                lost: p.lost.unwrap_or(0),
+                refused: p.refused.unwrap_or(0),
+            });
         }
         out.events += 1;
         out.last_seq = seq;
