@@ -64,7 +64,7 @@ async fn keep_alive_client(
 }
 
 /// 20,000 requests from 16 concurrent keep-alive clients, half of them
-/// denied. Returns the audit files and how long the load took.
+/// denied. Returns how long the load took.
 async fn load(h: &Harness, total: usize) -> std::time::Duration {
     let clients = 16;
     let per = total / clients;
