@@ -13,7 +13,7 @@ use prometheus::Registry;
 use tokio::net::TcpListener;
 
 use crate::admin;
-use crate::audit::{self, Event, Kind};
+use crate::audit::{self, Event};
 use crate::config::{self, Config};
 use crate::drain;
 use crate::identity;
@@ -83,19 +83,27 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     metrics.svid_expiry.set(identity.expiry_unix());
     metrics.policy_reloads.with_label_values(&["ok"]).inc();
 
-    let (audit, audit_writer) = audit::start(
-        &config.audit.path,
-        config.audit.queue_capacity,
-        metrics.clone(),
-    )?;
-    let startup = format!(
-        "portcullis {} starting as {}",
-        env!("CARGO_PKG_VERSION"),
-        identity.spiffe_id
-    );
-    audit.record(Event::with_detail(Kind::Startup, startup));
-    audit.record(Event::with_detail(
-        Kind::PolicyLoaded,
+    let (audit, audit_writer) =
+        audit::start_with(audit::Options::from_config(&config.audit)?, metrics.clone())?;
+    let own_leaf = identity::read_certs("identity.cert", &config.identity.cert)?;
+    let svid = own_leaf.first().map(|leaf| {
+        audit::Svid::new(
+            identity.spiffe_id.as_str(),
+            identity.not_after,
+            leaf.as_ref(),
+        )
+    });
+    audit.record(Event::startup(
+        audit::config_revision(&config),
+        svid,
+        format!(
+            "portcullis {} starting as {}",
+            env!("CARGO_PKG_VERSION"),
+            identity.spiffe_id
+        ),
+    ));
+    audit.record(Event::policy_loaded(
+        &policy.revision,
         format!(
             "revision {} from {} ({})",
             policy.revision,
@@ -180,6 +188,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 }
 
 impl Running {
+    /// The audit writer's last write failed; under `fail_closed` requests
+    /// are being refused.
+    pub fn audit_failing(&self) -> bool {
+        self.audit.is_failing()
+    }
+
     /// Stops accepting, lets in-flight requests finish within the drain
     /// deadline, then records the shutdown and flushes the audit trail.
     /// Returns whether everything in flight finished in time.
@@ -190,14 +204,11 @@ impl Running {
         if !drained {
             tracing::warn!("drain deadline passed with requests still in flight");
         }
-        self.audit.record(Event::with_detail(
-            Kind::Shutdown,
-            if drained {
-                "drained cleanly"
-            } else {
-                "drain deadline passed with requests in flight"
-            },
-        ));
+        self.audit.record(Event::shutdown(if drained {
+            "drained cleanly"
+        } else {
+            "drain deadline passed with requests in flight"
+        }));
         self.audit_writer.finish().await;
         drained
     }

@@ -1,22 +1,38 @@
-//! The audit trail: one JSON object per line, hash-chained.
+//! The audit trail: one JSON object per line, hash-chained (PCI DSS 10).
 //!
 //! Requests never touch the disk. Each request reserves a slot in a bounded
-//! queue *before* it is forwarded (no slot: 503, nothing forwarded), fills in
-//! a [`RequestRecord`], and the record is sent when it completes or when it
-//! is dropped half-way (client gone), so no decision goes unaudited. A writer
-//! thread owns the file: it numbers the events, chains their hashes and
-//! flushes whenever the queue runs dry.
+//! queue *before* it is forwarded, fills in a [`RequestRecord`], and the
+//! record is sent when it completes or when it is dropped half-way (client
+//! gone), so no decision goes unaudited. A writer thread owns the file: it
+//! numbers the events, chains their hashes (`chain`), rotates the file by
+//! size and resumes the chain after a restart (`writer`).
+//!
+//! When the writer cannot keep up or cannot write, `audit.on_full` decides:
+//! `fail_closed` refuses new requests with 503 until it recovers, and loses
+//! nothing it accepted; `fail_open` serves them, counts every event it
+//! drops, and writes a `gap` event with the count once writing resumes.
 
-use std::borrow::Cow;
-use std::io::Write;
-use std::path::PathBuf;
+mod chain;
+mod redact;
+mod verify;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+pub use self::chain::{Chain, Hasher, GENESIS};
+pub use self::redact::{redact_pans, HeaderPolicy, SECRET_HEADERS, WITHHELD};
+pub use self::verify::{
+    verify, verify_files, verify_text, Broken, Gap, Verified, VerifyFilesError,
+};
+use crate::config::{self, Fsync, OnFull};
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,12 +42,13 @@ pub enum Error {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("audit.path {path}: cannot continue the hash chain: {reason}; move the file aside (and verify it) to start a new trail")]
+    Resume { path: PathBuf, reason: String },
+    #[error("audit.hmac_key_file {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
     #[error("audit writer thread could not start: {0}")]
     Spawn(std::io::Error),
 }
-
-/// The `prev` of the first event in a new trail.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -42,6 +59,10 @@ pub enum Kind {
     SvidRotated,
     Startup,
     Shutdown,
+    /// Events that could not be recorded, and how many.
+    Gap,
+    /// The first event of a file after size-based rotation.
+    Rotated,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -62,6 +83,22 @@ pub struct Event {
     pub response: Option<Response>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub duration_us: Option<u64>,
+    /// `startup`: the binary's version and the sha256 of the effective config.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<String>,
+    /// `startup` and `policy_loaded`: the revision now in force.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_revision: Option<String>,
+    /// `startup` and `svid_rotated`: the sidecar's own certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub svid: Option<Svid>,
+    /// `gap`: events lost (fail_open) and requests refused unrecorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<u64>,
     /// Why, for events that are not request decisions (the handshake
     /// failure, the policy revision loaded...).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -82,6 +119,10 @@ pub struct Request {
     pub method: String,
     /// Card numbers are masked before the path is stored here.
     pub path: String,
+    /// Credential headers withheld, card numbers masked
+    /// ([`HeaderPolicy::redact`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -96,6 +137,14 @@ pub struct Response {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Serialize)]
+pub struct Svid {
+    pub spiffe_id: String,
+    pub not_after: String,
+    /// sha256 of the leaf certificate, as in `x-forwarded-client-cert`.
+    pub sha256: String,
+}
+
 impl Event {
     pub fn new(kind: Kind) -> Event {
         Event {
@@ -108,6 +157,12 @@ impl Event {
             decision: None,
             response: None,
             duration_us: None,
+            version: None,
+            config_revision: None,
+            policy_revision: None,
+            svid: None,
+            lost: None,
+            refused: None,
             detail: None,
             prev: String::new(),
         }
@@ -119,6 +174,85 @@ impl Event {
             ..Event::new(kind)
         }
     }
+
+    /// `config_revision` is [`config_revision`] of the effective config.
+    pub fn startup(
+        config_revision: String,
+        svid: Option<Svid>,
+        detail: impl Into<String>,
+    ) -> Event {
+        Event {
+            version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            config_revision: Some(config_revision),
+            svid,
+            ..Event::with_detail(Kind::Startup, detail)
+        }
+    }
+
+    pub fn policy_loaded(revision: &str, detail: impl Into<String>) -> Event {
+        Event {
+            policy_revision: Some(revision.to_owned()),
+            ..Event::with_detail(Kind::PolicyLoaded, detail)
+        }
+    }
+
+    /// For the identity source, when it installs a new SVID.
+    pub fn svid_rotated(
+        spiffe_id: &str,
+        not_after: SystemTime,
+        leaf_der: &[u8],
+        detail: impl Into<String>,
+    ) -> Event {
+        Event {
+            svid: Some(Svid::new(spiffe_id, not_after, leaf_der)),
+            ..Event::with_detail(Kind::SvidRotated, detail)
+        }
+    }
+
+    /// `presented` is the SPIFFE ID in the refused client certificate, when
+    /// one could be read: who tried, even though they were not let in.
+    pub fn handshake_rejected(
+        peer: SocketAddr,
+        presented: Option<String>,
+        reason: &str,
+        message: &str,
+    ) -> Event {
+        Event {
+            source: Some(Source {
+                spiffe_id: presented,
+                address: peer.to_string(),
+            }),
+            ..Event::with_detail(
+                Kind::HandshakeRejected,
+                redact_pans(&format!("{reason}: {message}")),
+            )
+        }
+    }
+
+    pub fn shutdown(detail: impl Into<String>) -> Event {
+        Event::with_detail(Kind::Shutdown, detail)
+    }
+}
+
+impl Svid {
+    pub fn new(spiffe_id: &str, not_after: SystemTime, leaf_der: &[u8]) -> Svid {
+        use sha2::Digest;
+        Svid {
+            spiffe_id: spiffe_id.to_owned(),
+            not_after: timestamp(not_after),
+            sha256: hex::encode(sha2::Sha256::digest(leaf_der)),
+        }
+    }
+}
+
+/// The `config_revision` of a startup event: sha256 of the effective
+/// configuration as `/config` shows it, so an assessor can tell which
+/// settings were in force.
+pub fn config_revision(config: &config::Config) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        config.redacted().to_string().as_bytes(),
+    ))
 }
 
 /// RFC 3339 UTC with milliseconds, the form OPA and log pipelines expect.
@@ -131,9 +265,93 @@ pub fn timestamp(t: SystemTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// Reads an HMAC key file: the bytes as they are, less a trailing newline
+/// (so `echo`/`openssl rand -hex` output works), at least 16 bytes.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, Error> {
+    let key_err = |reason: String| Error::Key {
+        path: path.to_owned(),
+        reason,
+    };
+    let mut key = std::fs::read(path).map_err(|e| key_err(format!("cannot read: {e}")))?;
+    while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        key.pop();
+    }
+    if key.len() < 16 {
+        return Err(key_err(format!(
+            "holds {} bytes; an HMAC key needs at least 16",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
+/// Everything the writer needs, from the `[audit]` section.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A file to append to, or `-` for stdout.
+    pub path: String,
+    pub capacity: usize,
+    pub on_full: OnFull,
+    pub fsync: Fsync,
+    /// Rotate once the file reaches this size; 0 never rotates.
+    pub max_bytes: u64,
+    /// Rotated files kept (`path.1` newest ... `path.N`).
+    pub keep_files: usize,
+    pub hasher: Hasher,
+    pub redact_headers: Vec<String>,
+    /// How often a `fail_closed` writer retries a write that failed.
+    pub retry_interval: Duration,
+}
+
+impl Options {
+    pub fn new(path: &str, capacity: usize) -> Options {
+        Options {
+            path: path.to_owned(),
+            capacity,
+            on_full: OnFull::FailClosed,
+            fsync: Fsync::Never,
+            max_bytes: 0,
+            keep_files: 10,
+            hasher: Hasher::Sha256,
+            redact_headers: Vec::new(),
+            retry_interval: Duration::from_millis(500),
+        }
+    }
+
+    pub fn from_config(c: &config::Audit) -> Result<Options, Error> {
+        let hasher = match &c.hmac_key_file {
+            Some(p) => Hasher::Hmac(read_key(p)?),
+            None => Hasher::Sha256,
+        };
+        Ok(Options {
+            on_full: c.on_full,
+            fsync: c.fsync,
+            max_bytes: c.max_bytes,
+            keep_files: c.keep_files,
+            hasher,
+            redact_headers: c.redact_headers.clone(),
+            ..Options::new(&c.path, c.queue_capacity)
+        })
+    }
+}
+
 enum Msg {
     Event(Box<Event>),
     Finish,
+}
+
+/// What the sinks and the writer share.
+struct State {
+    on_full: OnFull,
+    /// The last write failed and has not succeeded since.
+    failing: AtomicBool,
+    /// Events dropped by sinks, not yet reported in a `gap` event.
+    lost: AtomicU64,
+    /// Requests refused because no record could be reserved, not yet
+    /// reported in a `gap` event.
+    refused: AtomicU64,
+    /// Shutting down: a failing `fail_closed` writer stops retrying.
+    stopping: AtomicBool,
 }
 
 /// The cloneable handle components use to record events.
@@ -141,82 +359,129 @@ enum Msg {
 pub struct AuditSink {
     tx: mpsc::Sender<Msg>,
     metrics: Arc<Metrics>,
+    state: Arc<State>,
+    headers: Arc<HeaderPolicy>,
 }
 
 /// Owns the writer thread; `finish` flushes everything queued and stops it.
 pub struct Writer {
     tx: mpsc::Sender<Msg>,
+    state: Arc<State>,
     thread: std::thread::JoinHandle<()>,
 }
 
-/// Starts the writer. `path` is a file to append to, or `-` for stdout.
+/// Starts the writer with default options. `path` is a file to append to,
+/// or `-` for stdout.
 pub fn start(
     path: &str,
     capacity: usize,
     metrics: Arc<Metrics>,
 ) -> Result<(AuditSink, Writer), Error> {
-    let out: Box<dyn Write + Send> = if path == "-" {
-        Box::new(std::io::stdout())
-    } else {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.into(),
-                source,
-            })?;
-        Box::new(file)
-    };
-    let (tx, rx) = mpsc::channel(capacity.max(1));
-    let writer_metrics = metrics.clone();
+    start_with(Options::new(path, capacity), metrics)
+}
+
+pub fn start_with(options: Options, metrics: Arc<Metrics>) -> Result<(AuditSink, Writer), Error> {
+    let out = writer::Output::open(&options)?;
+    let (seq, prev) = out.resume_point()?;
+    let chain = Chain::resume(seq, prev, options.hasher.clone());
+    let (tx, rx) = mpsc::channel(options.capacity.max(1));
+    let state = Arc::new(State {
+        on_full: options.on_full,
+        failing: AtomicBool::new(false),
+        lost: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        stopping: AtomicBool::new(false),
+    });
+    let headers = Arc::new(HeaderPolicy::new(&options.redact_headers));
+    let w = writer::Loop::new(rx, out, chain, state.clone(), metrics.clone(), &options);
     // A thread of its own: the trail is written with blocking I/O and must
     // never stall a runtime worker that serves requests.
     let thread = std::thread::Builder::new()
         .name("portcullis-audit".into())
-        .spawn(move || write_loop(rx, out, writer_metrics))
+        .spawn(move || w.run())
         .map_err(Error::Spawn)?;
     Ok((
         AuditSink {
             tx: tx.clone(),
             metrics,
+            state: state.clone(),
+            headers,
         },
-        Writer { tx, thread },
+        Writer { tx, state, thread },
     ))
 }
 
 impl AuditSink {
     /// Records an event that is not tied to a request slot (handshake
-    /// rejections, lifecycle events). A full queue drops it, counted and
-    /// logged, never silently.
+    /// rejections, lifecycle events). A full queue drops it, counted, logged
+    /// and reported in the next `gap` event, never silently.
     pub fn record(&self, event: Event) {
         if let Err(e) = self.tx.try_send(Msg::Event(Box::new(event))) {
-            self.metrics.audit_dropped.inc();
             let kind = match &e {
                 mpsc::error::TrySendError::Full(Msg::Event(ev))
                 | mpsc::error::TrySendError::Closed(Msg::Event(ev)) => Some(ev.kind),
                 _ => None,
             };
+            self.dropped();
             tracing::error!(?kind, "audit queue unavailable, event dropped");
         }
     }
 
-    /// Reserves the queue slot for one request's record. `None` when the
-    /// writer is behind: the caller must refuse the request.
+    /// Reserves the queue slot for one request's record. `None` means the
+    /// request must be refused: under `fail_closed`, when the queue is full
+    /// or the writer is failing. Under `fail_open` there is always a record;
+    /// if it finds no room when it is sent, it is counted as dropped.
     pub fn reserve(&self, event: Event) -> Option<RequestRecord> {
-        let permit = self.tx.clone().try_reserve_owned().ok()?;
+        let open = self.state.on_full == OnFull::FailOpen;
+        if !open && self.is_failing() {
+            return None;
+        }
+        let slot = match self.tx.clone().try_reserve_owned() {
+            Ok(permit) => Slot::Reserved(permit),
+            Err(_) if open => Slot::BestEffort(self.clone()),
+            Err(_) => return None,
+        };
         Some(RequestRecord {
-            permit: Some(permit),
+            slot,
             event,
             started: Instant::now(),
         })
     }
+
+    /// Counts a request refused because [`reserve`](Self::reserve) found no
+    /// room: it is reported in the next `gap` event.
+    pub fn refused(&self) {
+        self.metrics.audit_dropped.inc();
+        self.state.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The writer's last write failed (disk full, permissions...).
+    pub fn is_failing(&self) -> bool {
+        self.state.failing.load(Ordering::Acquire)
+    }
+
+    /// Which header values may be written, here and in logs.
+    pub fn header_policy(&self) -> &HeaderPolicy {
+        &self.headers
+    }
+
+    fn dropped(&self) {
+        self.metrics.audit_dropped.inc();
+        self.state.lost.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+enum Slot {
+    Reserved(mpsc::OwnedPermit<Msg>),
+    /// `fail_open` with a full queue: one more try when the record is sent.
+    BestEffort(AuditSink),
+    Sent,
 }
 
 /// A request's audit record with its guaranteed slot. Sent by
 /// [`RequestRecord::finish`], or on drop if the request was abandoned.
 pub struct RequestRecord {
-    permit: Option<mpsc::OwnedPermit<Msg>>,
+    slot: Slot,
     pub event: Event,
     started: Instant,
 }
@@ -227,11 +492,19 @@ impl RequestRecord {
     }
 
     fn send(&mut self, status: u16) {
-        if let Some(permit) = self.permit.take() {
-            let mut event = self.event.clone();
-            event.response = Some(Response { status });
-            event.duration_us = Some(self.started.elapsed().as_micros() as u64);
-            permit.send(Msg::Event(Box::new(event)));
+        let slot = std::mem::replace(&mut self.slot, Slot::Sent);
+        if matches!(slot, Slot::Sent) {
+            return;
+        }
+        let mut event = self.event.clone();
+        event.response = Some(Response { status });
+        event.duration_us = Some(self.started.elapsed().as_micros() as u64);
+        match slot {
+            Slot::Reserved(permit) => {
+                permit.send(Msg::Event(Box::new(event)));
+            }
+            Slot::BestEffort(sink) => sink.record(event),
+            Slot::Sent => {}
         }
     }
 }
@@ -240,7 +513,7 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         // The client went away before a response was produced; 499 is the
         // status proxies conventionally log for that.
-        if self.permit.is_some() {
+        if !matches!(self.slot, Slot::Sent) {
             self.event
                 .detail
                 .get_or_insert_with(|| "client closed the request before a response".into());
@@ -251,8 +524,10 @@ impl Drop for RequestRecord {
 
 impl Writer {
     /// Writes everything queued before this call, flushes and stops the
-    /// thread. Events recorded later are counted as dropped.
+    /// thread. Events recorded later are counted as dropped. A `fail_closed`
+    /// writer that cannot write gives up here, counting what it held.
     pub async fn finish(self) {
+        self.state.stopping.store(true, Ordering::Release);
         if self.tx.send(Msg::Finish).await.is_ok() {
             let thread = self.thread;
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
@@ -260,293 +535,5 @@ impl Writer {
     }
 }
 
-fn write_loop(mut rx: mpsc::Receiver<Msg>, out: Box<dyn Write + Send>, metrics: Arc<Metrics>) {
-    let mut out = std::io::BufWriter::new(out);
-    let mut chain = Chain::new(GENESIS.to_string());
-    while let Some(msg) = rx.blocking_recv() {
-        let finish = matches!(msg, Msg::Finish);
-        if let Msg::Event(event) = msg {
-            let line = chain.seal(*event);
-            match out.write_all(line.as_bytes()) {
-                Ok(()) => metrics.audit_written.inc(),
-                Err(e) => {
-                    metrics.audit_dropped.inc();
-                    tracing::error!(error = %e, "audit write failed, event dropped");
-                }
-            }
-        }
-        if finish || rx.is_empty() {
-            if let Err(e) = out.flush() {
-                tracing::error!(error = %e, "audit flush failed");
-            }
-        }
-        if finish {
-            rx.close();
-            break;
-        }
-    }
-    let _ = out.flush();
-}
-
-/// Numbers events and links each to the hash of the one before it.
-pub struct Chain {
-    seq: u64,
-    prev: String,
-}
-
-impl Chain {
-    pub fn new(prev: String) -> Chain {
-        Chain { seq: 0, prev }
-    }
-
-    /// Returns the finished line, newline included. `hash` is the sha256 of
-    /// the line as written up to (not including) `,"hash":...`, with the
-    /// closing brace: so it covers `prev`, and a verifier needs no JSON
-    /// canonicalisation to recompute it.
-    pub fn seal(&mut self, mut event: Event) -> String {
-        self.seq += 1;
-        event.seq = self.seq;
-        event.prev = std::mem::take(&mut self.prev);
-        let mut body = serde_json::to_string(&event).unwrap_or_else(|e| {
-            // Serialising plain strings and numbers cannot fail; if it ever
-            // did, the line still records that an event existed.
-            format!(
-                r#"{{"seq":{},"kind":"serialization_error","detail":{:?},"prev":{:?}}}"#,
-                event.seq,
-                e.to_string(),
-                event.prev
-            )
-        });
-        let hash = hex::encode(Sha256::digest(body.as_bytes()));
-        body.pop();
-        body.push_str(&format!(",\"hash\":\"{hash}\"}}\n"));
-        self.prev = hash;
-        body
-    }
-}
-
-/// Checks one trail: sequence numbers, links and hashes. Returns the number
-/// of events verified, or the first broken line (1-based) and why.
-pub fn verify(text: &str) -> Result<u64, (usize, String)> {
-    let mut prev = GENESIS.to_string();
-    let mut count = 0u64;
-    let mut expected_seq = None;
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        let value: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| (n, format!("not valid JSON: {e}")))?;
-        let hash = value
-            .get("hash")
-            .and_then(|h| h.as_str())
-            .ok_or((n, "no hash field".to_string()))?;
-        let suffix = format!(",\"hash\":\"{hash}\"}}");
-        let body = line
-            .strip_suffix(&suffix)
-            .ok_or((n, "hash is not the last field".to_string()))?;
-        let recomputed = hex::encode(Sha256::digest(format!("{body}}}").as_bytes()));
-        if recomputed != hash {
-            return Err((
-                n,
-                "hash does not match the line: the line was edited".into(),
-            ));
-        }
-        let line_prev = value.get("prev").and_then(|p| p.as_str()).unwrap_or("");
-        if line_prev != prev {
-            return Err((
-                n,
-                "prev does not match the previous line's hash: a line was removed, inserted or reordered".into(),
-            ));
-        }
-        let seq = value.get("seq").and_then(|s| s.as_u64()).unwrap_or(0);
-        if let Some(expected) = expected_seq {
-            if seq != expected {
-                return Err((n, format!("seq {seq} where {expected} was expected")));
-            }
-        }
-        expected_seq = Some(seq + 1);
-        prev = hash.to_string();
-        count += 1;
-    }
-    Ok(count)
-}
-
-/// Masks payment card numbers (13-19 digits, optionally separated by single
-/// spaces or dashes, passing the Luhn check), keeping the first 6 and last 4
-/// digits as PCI DSS 3.3 allows.
-pub fn redact_pans(text: &str) -> Cow<'_, str> {
-    let bytes = text.as_bytes();
-    let mut out: Option<String> = None;
-    let mut copied = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if !bytes[i].is_ascii_digit() || (i > 0 && bytes[i - 1].is_ascii_digit()) {
-            i += 1;
-            continue;
-        }
-        // Longest run of digits with single separators starting at i.
-        let mut digits = Vec::new();
-        let mut end = i;
-        let mut j = i;
-        while j < bytes.len() && digits.len() < 19 {
-            if bytes[j].is_ascii_digit() {
-                digits.push(bytes[j] - b'0');
-                j += 1;
-                end = j;
-            } else if (bytes[j] == b' ' || bytes[j] == b'-')
-                && j + 1 < bytes.len()
-                && bytes[j + 1].is_ascii_digit()
-            {
-                j += 1;
-            } else {
-                break;
-            }
-        }
-        let followed_by_digit = end < bytes.len() && bytes[end].is_ascii_digit();
-        if (13..=19).contains(&digits.len()) && !followed_by_digit && luhn(&digits) {
-            let s = out.get_or_insert_with(String::new);
-            s.push_str(&text[copied..i]);
-            let masked: String = digits
-                .iter()
-                .enumerate()
-                .map(|(k, d)| {
-                    if k < 6 || k >= digits.len() - 4 {
-                        char::from(b'0' + d)
-                    } else {
-                        '*'
-                    }
-                })
-                .collect();
-            s.push_str(&masked);
-            copied = end;
-            i = end;
-        } else {
-            i = end.max(i + 1);
-        }
-    }
-    match out {
-        None => Cow::Borrowed(text),
-        Some(mut s) => {
-            s.push_str(&text[copied..]);
-            Cow::Owned(s)
-        }
-    }
-}
-
-fn luhn(digits: &[u8]) -> bool {
-    let sum: u32 = digits
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(k, &d)| {
-            let d = u32::from(d);
-            if k % 2 == 1 {
-                let x = d * 2;
-                if x > 9 {
-                    x - 9
-                } else {
-                    x
-                }
-            } else {
-                d
-            }
-        })
-        .sum();
-    sum.is_multiple_of(10)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn trail(n: usize) -> String {
-        let mut chain = Chain::new(GENESIS.into());
-        (0..n)
-            .map(|k| chain.seal(Event::with_detail(Kind::Startup, format!("event {k}"))))
-            .collect()
-    }
-
-    #[test]
-    fn chain_verifies_and_detects_tampering() {
-        let text = trail(4);
-        assert_eq!(verify(&text), Ok(4));
-        let lines: Vec<&str> = text.lines().collect();
-
-        let edited = text.replace("event 2", "event 9");
-        assert_eq!(verify(&edited).unwrap_err().0, 3);
-
-        let removed = [lines[0], lines[1], lines[3]].join("\n");
-        assert_eq!(verify(&removed).unwrap_err().0, 3);
-
-        let swapped = [lines[0], lines[2], lines[1], lines[3]].join("\n");
-        assert_eq!(verify(&swapped).unwrap_err().0, 2);
-
-        assert_eq!(verify("{not json").unwrap_err().0, 1);
-    }
-
-    #[test]
-    fn pans_are_masked() {
-        assert_eq!(
-            redact_pans("/v1/cards/4111111111111111/charge"),
-            "/v1/cards/411111******1111/charge"
-        );
-        assert_eq!(redact_pans("4111-1111-1111-1111"), "411111******1111");
-        assert_eq!(
-            redact_pans("pan=5500 0000 0000 0004&x=1"),
-            "pan=550000******0004&x=1"
-        );
-        // Not Luhn-valid, or too short / too long: an order id, left alone.
-        assert_eq!(
-            redact_pans("/v1/orders/4111111111111112"),
-            "/v1/orders/4111111111111112"
-        );
-        assert_eq!(
-            redact_pans("/v1/payments/123456789012"),
-            "/v1/payments/123456789012"
-        );
-        assert_eq!(
-            redact_pans("41111111111111111111111"),
-            "41111111111111111111111"
-        );
-    }
-
-    #[tokio::test]
-    async fn writer_writes_chained_lines_and_reserved_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let metrics = Arc::new(Metrics::new(&prometheus::Registry::new()).unwrap());
-        let (sink, writer) = start(path.to_str().unwrap(), 8, metrics.clone()).unwrap();
-        sink.record(Event::new(Kind::Startup));
-        let mut record = sink.reserve(Event::new(Kind::Request)).unwrap();
-        record.event.request_id = Some("r1".into());
-        record.finish(200);
-        // Dropped without finish: still written, as an abandoned request.
-        drop(sink.reserve(Event::new(Kind::Request)).unwrap());
-        writer.finish().await;
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(verify(&text), Ok(3));
-        let lines: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(lines[1]["request_id"], "r1");
-        assert_eq!(lines[1]["response"]["status"], 200);
-        assert_eq!(lines[2]["response"]["status"], 499);
-        assert_eq!(metrics.audit_written.get(), 3);
-    }
-
-    #[tokio::test]
-    async fn full_queue_refuses_reservations() {
-        let metrics = Arc::new(Metrics::new(&prometheus::Registry::new()).unwrap());
-        let (tx, _rx) = mpsc::channel(1);
-        let sink = AuditSink {
-            tx,
-            metrics: metrics.clone(),
-        };
-        let held = sink.reserve(Event::new(Kind::Request));
-        assert!(held.is_some());
-        assert!(sink.reserve(Event::new(Kind::Request)).is_none());
-        sink.record(Event::new(Kind::Startup));
-        assert_eq!(metrics.audit_dropped.get(), 1);
-        drop(held);
-    }
-}
+mod tests;

@@ -140,6 +140,19 @@ pub struct Audit {
     /// is forwarded, so a full queue turns requests away rather than losing
     /// their records.
     pub queue_capacity: usize,
+    /// What a full queue or a failing writer does to new requests.
+    pub on_full: OnFull,
+    pub fsync: Fsync,
+    /// Rotate the file once it reaches this many bytes; 0 never rotates.
+    pub max_bytes: u64,
+    /// Rotated files kept beside the current one (`path.1` ... `path.N`).
+    pub keep_files: usize,
+    /// With a key, line hashes are HMAC-SHA256: whoever can edit the file
+    /// but cannot read the key cannot forge a consistent chain.
+    pub hmac_key_file: Option<PathBuf>,
+    /// Headers whose values are never written, besides authorization,
+    /// proxy-authorization, cookie, set-cookie and x-api-key.
+    pub redact_headers: Vec<String>,
 }
 
 impl Default for Audit {
@@ -147,8 +160,38 @@ impl Default for Audit {
         Audit {
             path: "-".into(),
             queue_capacity: 8192,
+            on_full: OnFull::FailClosed,
+            fsync: Fsync::Interval,
+            max_bytes: 0,
+            keep_files: 10,
+            hmac_key_file: None,
+            redact_headers: Vec::new(),
         }
     }
+}
+
+/// `audit.on_full`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Refuse new requests (503) while the writer is behind or failing: no
+    /// decision without a record.
+    #[default]
+    FailClosed,
+    /// Serve them; count every event dropped and record a `gap`.
+    FailOpen,
+}
+
+/// `audit.fsync`: when written lines are forced to disk.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    Never,
+    /// At most once a second while events are written, and at shutdown.
+    #[default]
+    Interval,
+    /// After every batch the writer takes from the queue.
+    Always,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -328,6 +371,19 @@ impl Config {
             path: self.policy.dir.clone(),
             source,
         })?;
+        if self.audit.keep_files == 0 {
+            return Err(Error::Invalid {
+                key: "audit.keep_files".into(),
+                message: "must be at least 1: rotation must never delete the current trail".into(),
+            });
+        }
+        if let Some(key) = &self.audit.hmac_key_file {
+            std::fs::File::open(key).map_err(|source| Error::MissingFile {
+                key: "audit.hmac_key_file".into(),
+                path: key.clone(),
+                source,
+            })?;
+        }
         if self.audit.path != "-" {
             let parent = Path::new(&self.audit.path)
                 .parent()
@@ -505,6 +561,22 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("inbound.upstream"));
+    }
+
+    #[test]
+    fn audit_keys_parse_and_default_to_fail_closed() {
+        let c = parse("[audit]\npath = \"a.log\"\n").unwrap();
+        assert_eq!(c.audit.on_full, OnFull::FailClosed);
+        let c = parse(
+            "[audit]\non_full = \"fail_open\"\nfsync = \"always\"\nmax_bytes = 1000\n\
+             keep_files = 3\nhmac_key_file = \"k\"\nredact_headers = [\"x-token\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.audit.on_full, OnFull::FailOpen);
+        assert_eq!(c.audit.fsync, Fsync::Always);
+        assert_eq!(c.audit.keep_files, 3);
+        let err = parse("[audit]\non_full = \"sometimes\"\n").unwrap_err();
+        assert!(err.to_string().contains("on_full"), "{err}");
     }
 
     #[test]

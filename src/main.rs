@@ -131,8 +131,15 @@ enum CertsCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain of an audit trail.
-    Verify { file: PathBuf },
+    /// Check the hash chain of an audit trail, across rotated files (any
+    /// order: `audit.log*` works).
+    Verify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The audit.hmac_key_file the trail was written with.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -213,18 +220,51 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit(AuditCommand::Verify { file }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("cannot read {}", file.display()))?;
-            match audit::verify(&text) {
-                Ok(n) => {
-                    println!("{}: {n} events verified, hash chain intact", file.display());
+        Command::Audit(AuditCommand::Verify { files, key_file }) => {
+            let hasher = match &key_file {
+                Some(k) => audit::Hasher::Hmac(audit::read_key(k)?),
+                None => audit::Hasher::Sha256,
+            };
+            let names = files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            match audit::verify_files(&files, &hasher) {
+                Ok(v) => {
+                    println!(
+                        "{names}: {} events verified (seq {}..{}), hash chain intact ({})",
+                        v.events,
+                        v.first_seq,
+                        v.last_seq,
+                        hasher.name()
+                    );
+                    if let Some(from) = &v.continues_from {
+                        println!(
+                            "note: the trail continues from an earlier file not given (prev {from})"
+                        );
+                    }
+                    for gap in &v.gaps {
+                        let at = match &gap.file {
+                            Some(f) => format!("{}:{}", f.display(), gap.line),
+                            None => gap.line.to_string(),
+                        };
+                        println!(
+                            "gap: {at}: {} event(s) could not be written, {} request(s) were refused unrecorded",
+                            gap.lost, gap.refused
+                        );
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
-                Err((line, why)) => {
-                    println!("{}:{line}: chain broken: {why}", file.display());
+                Err(audit::VerifyFilesError::Broken(b)) => {
+                    let at = match &b.file {
+                        Some(f) => format!("{}:{}", f.display(), b.line),
+                        None => b.line.to_string(),
+                    };
+                    println!("{at}: chain broken: {}", b.why);
                     Ok(ExitCode::FAILURE)
                 }
+                Err(e) => Err(e.into()),
             }
         }
         Command::Policy(PolicyCommand::Test { dir, verbose, run }) => {

@@ -180,13 +180,15 @@ async fn handle_connection(
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 let (failure, message) = tls::classify_handshake_error(&e);
-                reject_handshake(shared, peer_addr, failure.label(), &message);
+                let presented = tls::presented_spiffe_id(&e);
+                reject_handshake(shared, peer_addr, presented, failure.label(), &message);
                 return;
             }
             Err(_) => {
                 reject_handshake(
                     shared,
                     peer_addr,
+                    None,
                     "timeout",
                     "handshake did not finish in time",
                 );
@@ -198,6 +200,7 @@ async fn handle_connection(
         reject_handshake(
             shared,
             peer_addr,
+            None,
             "bad_svid",
             "no SPIFFE ID in the verified client certificate",
         );
@@ -280,19 +283,23 @@ async fn handle_connection(
     }
 }
 
-fn reject_handshake(shared: &Shared, peer_addr: SocketAddr, reason: &str, message: &str) {
+fn reject_handshake(
+    shared: &Shared,
+    peer_addr: SocketAddr,
+    presented: Option<String>,
+    reason: &str,
+    message: &str,
+) {
     shared
         .metrics
         .tls_handshakes
         .with_label_values(&[reason])
         .inc();
-    tracing::warn!(peer = %peer_addr, reason, "TLS handshake refused: {message}");
-    let mut event = Event::with_detail(Kind::HandshakeRejected, format!("{reason}: {message}"));
-    event.source = Some(audit::Source {
-        spiffe_id: None,
-        address: peer_addr.to_string(),
-    });
-    shared.audit.record(event);
+    let message = audit::redact_pans(message);
+    tracing::warn!(peer = %peer_addr, presented = ?presented, reason, "TLS handshake refused: {message}");
+    shared.audit.record(Event::handshake_rejected(
+        peer_addr, presented, reason, &message,
+    ));
 }
 
 async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) -> Response<Body> {
@@ -315,18 +322,25 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     event.request = Some(audit::Request {
         method: method.clone(),
         path: audit::redact_pans(raw_target).into_owned(),
+        headers: Some(shared.audit.header_policy().redact(req.headers())),
     });
     let Some(mut record) = shared.audit.reserve(event) else {
-        // Serving without a record would break the audit promise.
-        tracing::error!(request_id, "audit queue full: refusing request");
-        shared.metrics.audit_dropped.inc();
+        // Serving without a record would break the audit promise
+        // (audit.on_full = "fail_closed").
+        let why = if shared.audit.is_failing() {
+            "the audit trail cannot be written; request refused"
+        } else {
+            "the audit trail is not keeping up; request refused"
+        };
+        tracing::error!(request_id, "{why}");
+        shared.audit.refused();
         shared
             .metrics
             .record_request("error", 503, started.elapsed().as_secs_f64());
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "audit_unavailable",
-            "the audit trail is not keeping up; request refused",
+            why,
             &request_id,
             None,
         );
@@ -341,7 +355,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         let mut record = record;
         record.event.decision = Some(audit::Decision {
             allowed,
-            reason,
+            reason: audit::redact_pans(&reason).into_owned(),
             policy_revision: policy.revision.clone(),
         });
         record.finish(status);
@@ -400,7 +414,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Ok(p) => p,
         Err(e) => {
             let reason = format!("request path refused before policy: {e}");
-            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
             let resp = error_response(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
@@ -479,7 +493,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Ok(d) => d,
         Err(e) => {
             let reason = format!("policy evaluation failed: {e}");
-            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
             let resp = error_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "policy_error",
@@ -499,7 +513,15 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                 short(&policy.revision)
             )
         });
-        tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "denied: {reason}");
+        // Logs get what the audit trail gets: card numbers masked.
+        tracing::info!(
+            request_id,
+            peer = %ctx.peer.spiffe_id,
+            method,
+            path = %audit::redact_pans(&path),
+            "denied: {}",
+            audit::redact_pans(&reason)
+        );
         // A policy may choose the status, but a deny is always an error status.
         let status = decision
             .http_status
@@ -620,7 +642,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .upstream_errors
         .with_label_values(&[kind])
         .inc();
-    tracing::warn!(request_id, kind, "{message}");
+    tracing::warn!(request_id, kind, "{}", audit::redact_pans(&message));
     let resp = error_response(status, "upstream_error", &message, &request_id, None);
     finish(record, "allow", true, format!("{reason}; {message}"), resp)
 }
@@ -693,7 +715,9 @@ fn add_policy_headers(headers: &mut HeaderMap, decision: &Decision) {
             (Ok(n), Ok(v)) if n != XFCC && n != X_SPIFFE_ID => {
                 headers.insert(n, v);
             }
-            _ => tracing::warn!(header = %name, "policy header ignored: invalid or reserved"),
+            _ => {
+                tracing::warn!(header = %audit::redact_pans(name), "policy header ignored: invalid or reserved")
+            }
         }
     }
 }

@@ -183,6 +183,17 @@ pub fn classify_handshake_error(err: &std::io::Error) -> (HandshakeFailure, Stri
     }
 }
 
+/// The SPIFFE ID a refused client certificate presented, when its leaf
+/// could be parsed that far: for the audit trail, never for a decision.
+pub fn presented_spiffe_id(err: &std::io::Error) -> Option<String> {
+    let tls = err.get_ref()?.downcast_ref::<rustls::Error>()?;
+    let rustls::Error::InvalidCertificate(CertificateError::Other(other)) = tls else {
+        return None;
+    };
+    let rejected = other.0.downcast_ref::<verifier::Rejected>()?;
+    rejected.presented.as_ref().map(|id| id.to_string())
+}
+
 pub fn classify_rustls_error(err: &rustls::Error) -> (HandshakeFailure, String) {
     use HandshakeFailure as F;
     match err {
@@ -190,7 +201,12 @@ pub fn classify_rustls_error(err: &rustls::Error) -> (HandshakeFailure, String) 
             (F::NoClientCert, "client presented no certificate".into())
         }
         rustls::Error::InvalidCertificate(cert_err) => match cert_err {
-            CertificateError::Other(other) => match other.0.downcast_ref::<SvidError>() {
+            CertificateError::Other(other) => match other
+                .0
+                .downcast_ref::<verifier::Rejected>()
+                .map(|r| &r.error)
+                .or_else(|| other.0.downcast_ref::<SvidError>())
+            {
                 Some(svid) => (svid.failure(), svid.to_string()),
                 None => (F::Protocol, err.to_string()),
             },

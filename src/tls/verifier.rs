@@ -81,6 +81,15 @@ pub enum SvidError {
     WeakKey { bits: usize },
 }
 
+/// A refused client certificate: why, and the SPIFFE ID it claimed when
+/// one could be read, so the refusal can name who tried.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct Rejected {
+    pub presented: Option<SpiffeId>,
+    pub error: SvidError,
+}
+
 impl SvidError {
     pub fn failure(&self) -> HandshakeFailure {
         match self {
@@ -332,8 +341,14 @@ impl ClientCertVerifier for SvidClientVerifier {
         .map(|_| ClientCertVerified::assertion())
         // Wrapped as `Other` so classify_handshake_error can recover the exact
         // cause from the io::Error that tokio-rustls hands back.
-        .map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        .map_err(|error| {
+            let rejected = Rejected {
+                presented: leaf_spiffe_id(end_entity),
+                error,
+            };
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+                rejected,
+            ))))
         })
     }
 

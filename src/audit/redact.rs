@@ -1,0 +1,237 @@
+//! Redaction applied before anything is written: card numbers masked to
+//! the first 6 and last 4 digits (PCI DSS 3.3), credential headers never
+//! written at all.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use http::HeaderMap;
+
+/// Headers whose values are credentials: never written, in the audit trail
+/// or in logs, whatever `audit.redact_headers` says.
+pub const SECRET_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+];
+
+/// What a withheld header value is written as, so a reader can see the
+/// header was present without learning its value.
+pub const WITHHELD: &str = "[redacted]";
+
+/// The header names whose values are withheld: the fixed list plus
+/// `audit.redact_headers`, lowercased once.
+#[derive(Clone, Debug, Default)]
+pub struct HeaderPolicy {
+    extra: Vec<String>,
+}
+
+impl HeaderPolicy {
+    pub fn new(extra: &[String]) -> HeaderPolicy {
+        HeaderPolicy {
+            extra: extra
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    pub fn is_withheld(&self, name: &str) -> bool {
+        SECRET_HEADERS.iter().any(|s| s.eq_ignore_ascii_case(name))
+            || self.extra.iter().any(|s| s.eq_ignore_ascii_case(name))
+    }
+
+    /// The headers as they may be written: withheld values replaced, card
+    /// numbers masked in the rest, repeated headers joined with `, `.
+    /// Non-UTF-8 values are written lossily, after masking, so a PAN cannot
+    /// hide behind an invalid byte.
+    pub fn redact(&self, headers: &HeaderMap) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in headers {
+            let shown = if self.is_withheld(name.as_str()) {
+                WITHHELD.to_string()
+            } else {
+                redact_pans(&String::from_utf8_lossy(value.as_bytes())).into_owned()
+            };
+            out.entry(name.as_str().to_owned())
+                .and_modify(|v| {
+                    if v != WITHHELD {
+                        v.push_str(", ");
+                        v.push_str(&shown);
+                    }
+                })
+                .or_insert(shown);
+        }
+        out
+    }
+}
+
+/// Masks payment card numbers (13-19 digits, optionally separated by single
+/// spaces, dashes or `+` (a form-encoded space), passing the Luhn check),
+/// keeping the first 6 and last 4 digits as PCI DSS 3.3 allows.
+///
+/// A run of digit groups is checked at every group boundary, not only as a
+/// whole: `4111 1111 1111 1111 2026` still holds a card number. A number
+/// glued to other digits with no separator is not a card number to anyone
+/// reading it, and is left alone (order ids stay readable).
+pub fn redact_pans(text: &str) -> Cow<'_, str> {
+    let bytes = text.as_bytes();
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    let mut digits: Vec<u8> = Vec::new();
+    // Digit indices where a group starts (0, and after each separator).
+    let mut starts: Vec<usize> = Vec::new();
+    while i < bytes.len() {
+        if !bytes[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        digits.clear();
+        starts.clear();
+        starts.push(0);
+        let mut j = i;
+        let mut end = i;
+        while j < bytes.len() {
+            if bytes[j].is_ascii_digit() {
+                digits.push(bytes[j] - b'0');
+                j += 1;
+                end = j;
+            } else if matches!(bytes[j], b' ' | b'-' | b'+')
+                && j + 1 < bytes.len()
+                && bytes[j + 1].is_ascii_digit()
+            {
+                starts.push(digits.len());
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if let Some(masked) = mask_run(&digits, &starts) {
+            let s = out.get_or_insert_with(String::new);
+            s.push_str(&text[copied..i]);
+            s.push_str(&masked);
+            copied = end;
+        }
+        i = end;
+    }
+    match out {
+        None => Cow::Borrowed(text),
+        Some(mut s) => {
+            s.push_str(&text[copied..]);
+            Cow::Owned(s)
+        }
+    }
+}
+
+/// The run with the middle digits of every Luhn-valid 13-19 digit window
+/// between group boundaries starred (separators dropped), or `None` when it
+/// holds no card number.
+fn mask_run(digits: &[u8], starts: &[usize]) -> Option<String> {
+    if digits.len() < 13 {
+        return None;
+    }
+    // A group ends where the next one starts, and at the end of the run.
+    let ends: Vec<usize> = starts[1..]
+        .iter()
+        .copied()
+        .chain(std::iter::once(digits.len()))
+        .collect();
+    let mut hidden = vec![false; digits.len()];
+    let mut any = false;
+    for &start in starts {
+        for &end in &ends {
+            if end > start && (13..=19).contains(&(end - start)) && luhn(&digits[start..end]) {
+                any = true;
+                for h in &mut hidden[start + 6..end - 4] {
+                    *h = true;
+                }
+            }
+        }
+    }
+    any.then(|| {
+        digits
+            .iter()
+            .zip(&hidden)
+            .map(|(d, &h)| if h { '*' } else { char::from(b'0' + d) })
+            .collect()
+    })
+}
+
+pub(crate) fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(k, &d)| {
+            let d = u32::from(d);
+            if k % 2 == 1 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pans_are_masked() {
+        assert_eq!(
+            redact_pans("/v1/cards/4111111111111111/charge"),
+            "/v1/cards/411111******1111/charge"
+        );
+        assert_eq!(redact_pans("4111-1111-1111-1111"), "411111******1111");
+        assert_eq!(
+            redact_pans("pan=5500 0000 0000 0004&x=1"),
+            "pan=550000******0004&x=1"
+        );
+        // Not Luhn-valid, or too short: an order id, left alone.
+        assert_eq!(
+            redact_pans("/v1/orders/4111111111111112"),
+            "/v1/orders/4111111111111112"
+        );
+        assert_eq!(
+            redact_pans("/v1/payments/123456789012"),
+            "/v1/payments/123456789012"
+        );
+    }
+
+    #[test]
+    fn pans_beside_other_digit_groups_are_masked() {
+        let out = redact_pans("pan=4111 1111 1111 1111 2026");
+        assert!(out.starts_with("pan=411111******1111"), "{out}");
+        let out = redact_pans("id 12-4111-1111-1111-1111");
+        assert!(out.contains("411111******1111"), "{out}");
+        // Too long and glued together: not a card number, left alone.
+        assert_eq!(
+            redact_pans("41111111111111111111111"),
+            "41111111111111111111111"
+        );
+    }
+
+    #[test]
+    fn secret_headers_are_withheld_and_pans_masked() {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", "Bearer s3cr3t".parse().unwrap());
+        h.insert("cookie", "sid=abc".parse().unwrap());
+        h.insert("x-tenant-token", "t0ken".parse().unwrap());
+        h.insert("x-card", "4111 1111 1111 1111".parse().unwrap());
+        let out = HeaderPolicy::new(&["X-Tenant-Token".into()]).redact(&h);
+        assert_eq!(out["authorization"], WITHHELD);
+        assert_eq!(out["cookie"], WITHHELD);
+        assert_eq!(out["x-tenant-token"], WITHHELD);
+        assert_eq!(out["x-card"], "411111******1111");
+    }
+}
