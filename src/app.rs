@@ -41,6 +41,9 @@ pub enum Error {
     },
 }
 
+/// How often the own SVID's age is checked for the 50%/90% log warnings.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A started sidecar.
 pub struct Running {
     pub inbound_addr: SocketAddr,
@@ -80,7 +83,6 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let registry = Registry::new();
     let metrics = Arc::new(Metrics::new(&registry)?);
-    metrics.svid_expiry.set(identity.expiry_unix());
     metrics.policy_reloads.with_label_values(&["ok"]).inc();
 
     let (audit, audit_writer) = audit::start(
@@ -112,6 +114,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let identity = Arc::new(ArcSwap::from_pointee(identity));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let publisher =
+        identity::rotation::Publisher::new(identity.clone(), metrics.clone(), audit.clone());
 
     let inbound = bind("inbound.listen", config.inbound.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -144,6 +148,12 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         policy: policy.clone(),
         listening: listening.clone(),
     });
+    identity::files::spawn(config.identity.clone(), publisher, watch.clone())?;
+    tokio::spawn(identity::rotation::warn_on_expiry(
+        identity.clone(),
+        EXPIRY_CHECK_INTERVAL,
+        watch.clone(),
+    ));
     tokio::spawn(proxy::serve(inbound, shared, watch.clone()));
     tokio::spawn(admin::serve(admin_listener, admin_state, watch));
     tracing::info!(

@@ -40,6 +40,7 @@ pub enum Kind {
     HandshakeRejected,
     PolicyLoaded,
     SvidRotated,
+    BundleUpdated,
     Startup,
     Shutdown,
 }
