@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::drain;
+use crate::identity::workload_api::SourceHealth;
 use crate::identity::IdentitySnapshot;
 use crate::policy::PolicySnapshot;
 
@@ -27,6 +28,7 @@ pub struct State {
     pub registry: Registry,
     pub config: Arc<Config>,
     pub identity: Arc<ArcSwap<IdentitySnapshot>>,
+    pub identity_health: Arc<SourceHealth>,
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
     /// Set once the inbound listener accepts, cleared when draining starts.
     pub listening: Arc<AtomicBool>,
@@ -129,6 +131,9 @@ pub fn readiness_problems(state: &State, now: SystemTime) -> Vec<String> {
             crate::audit::timestamp(identity.not_after),
             margin.as_secs()
         ));
+    }
+    if let Some(problem) = state.identity_health.problem() {
+        problems.push(problem.to_string());
     }
     if !state.listening.load(Ordering::Acquire) {
         problems.push("inbound listener is not accepting".into());

@@ -61,12 +61,20 @@ pub struct Running {
 
 /// Everything `config check` checks: the config, then the identity and the
 /// policy it names, exactly as `start` would load them.
-pub fn check(config: &Config) -> Result<(identity::IdentitySnapshot, PolicySnapshot), Error> {
+pub async fn check(config: &Config) -> Result<(identity::IdentitySnapshot, PolicySnapshot), Error> {
     config.validate()?;
-    let identity = identity::load_files(&config.identity)?;
+    let identity = match &config.identity.workload_api {
+        Some(addr) => {
+            identity::workload_api::fetch_initial(&config.identity, addr, WORKLOAD_API_WAIT).await?
+        }
+        None => identity::load_files(&config.identity)?,
+    };
     let policy = load_policy(config)?;
     Ok((identity, policy))
 }
+
+/// How long startup waits for the SPIFFE agent to hand out the first SVID.
+const WORKLOAD_API_WAIT: Duration = Duration::from_secs(30);
 
 fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
     PolicySnapshot::load(
@@ -77,7 +85,7 @@ fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
 }
 
 pub async fn start(config: Config) -> Result<Running, Error> {
-    let (identity, policy) = check(&config)?;
+    let (identity, policy) = check(&config).await?;
     let upstream_addr = config.upstream()?;
     let config = Arc::new(config);
 
@@ -141,14 +149,29 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             max_header_list_bytes: config.inbound.max_header_list_bytes,
         },
     });
+    let identity_health = Arc::new(identity::workload_api::SourceHealth::default());
     let admin_state = Arc::new(admin::State {
         registry: registry.clone(),
         config: config.clone(),
         identity: identity.clone(),
+        identity_health: identity_health.clone(),
         policy: policy.clone(),
         listening: listening.clone(),
     });
-    identity::files::spawn(config.identity.clone(), publisher, watch.clone())?;
+    match &config.identity.workload_api {
+        Some(addr) => {
+            identity::workload_api::spawn(
+                config.identity.clone(),
+                addr.clone(),
+                publisher,
+                identity_health.clone(),
+                watch.clone(),
+            );
+        }
+        None => {
+            identity::files::spawn(config.identity.clone(), publisher, watch.clone())?;
+        }
+    }
     tokio::spawn(identity::rotation::warn_on_expiry(
         identity.clone(),
         EXPIRY_CHECK_INTERVAL,

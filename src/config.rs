@@ -184,6 +184,9 @@ pub const OVERRIDABLE: &[&str] = &[
     "admin.listen",
 ];
 
+/// Read by [`Config::load`] through its environment closure, never directly.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
+
 /// `inbound.listen` -> `PORTCULLIS_INBOUND_LISTEN`.
 pub fn env_var_for(key: &str) -> String {
     format!("PORTCULLIS_{}", key.replace('.', "_").to_uppercase())
@@ -202,6 +205,13 @@ impl Config {
             source,
         })?;
         let mut config = Config::from_toml(&text, path)?;
+        // The SPIFFE-standard way to point a workload at its agent; an
+        // explicit identity.workload_api (file or PORTCULLIS_*) wins.
+        if config.identity.workload_api.is_none() {
+            if let Some(socket) = env(SPIFFE_ENDPOINT_SOCKET) {
+                config.set("identity.workload_api", &socket, SPIFFE_ENDPOINT_SOCKET)?;
+            }
+        }
         for key in OVERRIDABLE {
             if let Some(value) = env(&env_var_for(key)) {
                 config.set(key, &value, &env_var_for(key))?;
@@ -311,20 +321,31 @@ impl Config {
                     .into(),
             });
         }
-        if let Some(api) = &self.identity.workload_api {
-            return Err(Error::Invalid {
-                key: "identity.workload_api".into(),
-                message: format!(
-                    "{api:?}: the SPIFFE Workload API source is not available in this build yet; \
-                     use identity.cert, identity.key and identity.bundle"
-                ),
-            });
-        }
-        let files = [
+        let mut files = vec![
             ("identity.cert".to_string(), &self.identity.cert),
             ("identity.key".to_string(), &self.identity.key),
             ("identity.bundle".to_string(), &self.identity.bundle),
         ];
+        if let Some(api) = &self.identity.workload_api {
+            if !(api.starts_with("unix:") || api.starts_with("tcp:")) {
+                return Err(Error::Invalid {
+                    key: "identity.workload_api".into(),
+                    message: format!(
+                        "{api:?} is not a Workload API address like unix:///run/spire/sockets/agent.sock"
+                    ),
+                });
+            }
+            if !self.identity.federation.is_empty() {
+                return Err(Error::Invalid {
+                    key: "identity.federation".into(),
+                    message: "federated bundles come from the Workload API when \
+                              identity.workload_api is set"
+                        .into(),
+                });
+            }
+            // The agent supplies SVID and bundles; the files are not used.
+            files.clear();
+        }
         let federation = self
             .identity
             .federation
@@ -633,5 +654,44 @@ mod tests {
         }
         let json = c.redacted();
         assert_eq!(json["identity"]["min_remaining"], "10m");
+    }
+
+    #[test]
+    fn spiffe_endpoint_socket_selects_the_workload_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[identity]\ntrust_domain = \"pay.example\"\n").unwrap();
+        let agent = |k: &str| {
+            (k == SPIFFE_ENDPOINT_SOCKET).then(|| "unix:///run/spire/agent.sock".to_string())
+        };
+        let c = Config::load(&path, &agent, &[]).unwrap();
+        assert_eq!(
+            c.identity.workload_api.as_deref(),
+            Some("unix:///run/spire/agent.sock")
+        );
+        // An explicit setting wins over the SPIFFE default.
+        let both = |k: &str| match k {
+            SPIFFE_ENDPOINT_SOCKET => Some("unix:///a.sock".to_string()),
+            "PORTCULLIS_IDENTITY_WORKLOAD_API" => Some("unix:///b.sock".to_string()),
+            _ => None,
+        };
+        let c = Config::load(&path, &both, &[]).unwrap();
+        assert_eq!(c.identity.workload_api.as_deref(), Some("unix:///b.sock"));
+        std::fs::write(
+            &path,
+            "[identity]\ntrust_domain = \"pay.example\"\nworkload_api = \"unix:///c.sock\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path, &agent, &[]).unwrap();
+        assert_eq!(c.identity.workload_api.as_deref(), Some("unix:///c.sock"));
+    }
+
+    #[test]
+    fn workload_api_address_is_checked() {
+        let mut c = Config::default();
+        c.identity.trust_domain = "pay.example".into();
+        c.identity.workload_api = Some("/run/spire/agent.sock".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("identity.workload_api"), "{err}");
     }
 }

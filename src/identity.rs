@@ -7,6 +7,7 @@
 pub mod files;
 pub mod rotation;
 mod spiffe_id;
+pub mod workload_api;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,8 @@ pub enum Error {
     Tls(#[from] tls::Error),
     #[error("identity: cannot start watching the certificate files: {0}")]
     Watch(std::io::Error),
+    #[error("identity.workload_api {addr}: {message}")]
+    WorkloadApi { addr: String, message: String },
 }
 
 /// Everything a handshake needs, built and validated together.
