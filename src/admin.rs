@@ -20,17 +20,15 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::drain;
+use crate::identity::workload_api::SourceHealth;
 use crate::identity::IdentitySnapshot;
 use crate::policy::PolicySnapshot;
-
-/// Readiness turns false this long before the SVID expires, so Kubernetes
-/// stops routing to a pod whose identity is about to lapse.
-pub const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 
 pub struct State {
     pub registry: Registry,
     pub config: Arc<Config>,
     pub identity: Arc<ArcSwap<IdentitySnapshot>>,
+    pub identity_health: Arc<SourceHealth>,
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
     /// Set once the inbound listener accepts, cleared when draining starts.
     pub listening: Arc<AtomicBool>,
@@ -115,13 +113,27 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
 pub fn readiness_problems(state: &State, now: SystemTime) -> Vec<String> {
     let mut problems = Vec::new();
     let identity = state.identity.load();
-    if !identity.is_valid_at(now, EXPIRY_MARGIN) {
+    // Readiness turns false identity.min_remaining before the SVID expires,
+    // so Kubernetes stops routing to a pod whose identity is about to lapse.
+    let margin = state.config.identity.min_remaining;
+    if now >= identity.not_after {
         problems.push(format!(
-            "SVID {} expires at {} (within {}s)",
+            "SVID {} (serial {}) expired at {}",
             identity.spiffe_id,
+            identity.serial,
             crate::audit::timestamp(identity.not_after),
-            EXPIRY_MARGIN.as_secs()
         ));
+    } else if !identity.is_valid_at(now, margin) {
+        problems.push(format!(
+            "SVID {} (serial {}) expires at {}, within identity.min_remaining ({}s)",
+            identity.spiffe_id,
+            identity.serial,
+            crate::audit::timestamp(identity.not_after),
+            margin.as_secs()
+        ));
+    }
+    if let Some(problem) = state.identity_health.problem() {
+        problems.push(problem.to_string());
     }
     if !state.listening.load(Ordering::Acquire) {
         problems.push("inbound listener is not accepting".into());

@@ -41,6 +41,9 @@ pub enum Error {
     },
 }
 
+/// How often the own SVID's age is checked for the 50%/90% log warnings.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A started sidecar.
 pub struct Running {
     pub inbound_addr: SocketAddr,
@@ -58,12 +61,20 @@ pub struct Running {
 
 /// Everything `config check` checks: the config, then the identity and the
 /// policy it names, exactly as `start` would load them.
-pub fn check(config: &Config) -> Result<(identity::IdentitySnapshot, PolicySnapshot), Error> {
+pub async fn check(config: &Config) -> Result<(identity::IdentitySnapshot, PolicySnapshot), Error> {
     config.validate()?;
-    let identity = identity::load_files(&config.identity)?;
+    let identity = match &config.identity.workload_api {
+        Some(addr) => {
+            identity::workload_api::fetch_initial(&config.identity, addr, WORKLOAD_API_WAIT).await?
+        }
+        None => identity::load_files(&config.identity)?,
+    };
     let policy = load_policy(config)?;
     Ok((identity, policy))
 }
+
+/// How long startup waits for the SPIFFE agent to hand out the first SVID.
+const WORKLOAD_API_WAIT: Duration = Duration::from_secs(30);
 
 fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
     PolicySnapshot::load(
@@ -74,13 +85,12 @@ fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
 }
 
 pub async fn start(config: Config) -> Result<Running, Error> {
-    let (identity, policy) = check(&config)?;
+    let (identity, policy) = check(&config).await?;
     let upstream_addr = config.upstream()?;
     let config = Arc::new(config);
 
     let registry = Registry::new();
     let metrics = Arc::new(Metrics::new(&registry)?);
-    metrics.svid_expiry.set(identity.expiry_unix());
     metrics.policy_reloads.with_label_values(&["ok"]).inc();
 
     let (audit, audit_writer) =
@@ -120,6 +130,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let identity = Arc::new(ArcSwap::from_pointee(identity));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
+    let publisher =
+        identity::rotation::Publisher::new(identity.clone(), metrics.clone(), audit.clone());
 
     let inbound = bind("inbound.listen", config.inbound.listen).await?;
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
@@ -157,13 +169,34 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             h2_max_concurrent_streams: config.inbound.h2_max_concurrent_streams,
         },
     });
+    let identity_health = Arc::new(identity::workload_api::SourceHealth::default());
     let admin_state = Arc::new(admin::State {
         registry: registry.clone(),
         config: config.clone(),
         identity: identity.clone(),
+        identity_health: identity_health.clone(),
         policy: policy.clone(),
         listening: listening.clone(),
     });
+    match &config.identity.workload_api {
+        Some(addr) => {
+            identity::workload_api::spawn(
+                config.identity.clone(),
+                addr.clone(),
+                publisher,
+                identity_health.clone(),
+                watch.clone(),
+            );
+        }
+        None => {
+            identity::files::spawn(config.identity.clone(), publisher, watch.clone())?;
+        }
+    }
+    tokio::spawn(identity::rotation::warn_on_expiry(
+        identity.clone(),
+        EXPIRY_CHECK_INTERVAL,
+        watch.clone(),
+    ));
     tokio::spawn(proxy::serve(inbound, shared, watch.clone()));
     tokio::spawn(admin::serve(admin_listener, admin_state, watch));
     tracing::info!(

@@ -57,6 +57,7 @@ pub enum Kind {
     HandshakeRejected,
     PolicyLoaded,
     SvidRotated,
+    BundleUpdated,
     Startup,
     Shutdown,
     /// Events that could not be recorded, and how many.

@@ -5,8 +5,10 @@
 //! (`inbound.listen`), so the environment, the flags and the file all name a
 //! setting the same way and an error always names the key a user can fix.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -99,6 +101,14 @@ pub struct Identity {
     pub key: PathBuf,
     pub bundle: PathBuf,
     pub workload_api: Option<String>,
+    /// `/readyz` fails once the own SVID has less than this left, so that
+    /// Kubernetes stops routing here before the identity actually lapses.
+    #[serde(with = "duration_text")]
+    pub min_remaining: Duration,
+    /// How often the certificate files are checked for changes.
+    pub watch_interval_ms: u64,
+    /// Other trust domains whose workloads may call in, each with its bundle file.
+    pub federation: BTreeMap<String, PathBuf>,
 }
 
 impl Default for Identity {
@@ -109,6 +119,9 @@ impl Default for Identity {
             key: "/var/run/portcullis/svid.key".into(),
             bundle: "/var/run/portcullis/bundle.pem".into(),
             workload_api: None,
+            min_remaining: Duration::from_secs(5 * 60),
+            watch_interval_ms: 1_000,
+            federation: BTreeMap::new(),
         }
     }
 }
@@ -220,11 +233,15 @@ pub const OVERRIDABLE: &[&str] = &[
     "identity.key",
     "identity.bundle",
     "identity.workload_api",
+    "identity.min_remaining",
     "policy.dir",
     "policy.query",
     "audit.path",
     "admin.listen",
 ];
+
+/// Read by [`Config::load`] through its environment closure, never directly.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 
 /// `inbound.listen` -> `PORTCULLIS_INBOUND_LISTEN`.
 pub fn env_var_for(key: &str) -> String {
@@ -244,6 +261,13 @@ impl Config {
             source,
         })?;
         let mut config = Config::from_toml(&text, path)?;
+        // The SPIFFE-standard way to point a workload at its agent; an
+        // explicit identity.workload_api (file or PORTCULLIS_*) wins.
+        if config.identity.workload_api.is_none() {
+            if let Some(socket) = env(SPIFFE_ENDPOINT_SOCKET) {
+                config.set("identity.workload_api", &socket, SPIFFE_ENDPOINT_SOCKET)?;
+            }
+        }
         for key in OVERRIDABLE {
             if let Some(value) = env(&env_var_for(key)) {
                 config.set(key, &value, &env_var_for(key))?;
@@ -289,6 +313,9 @@ impl Config {
             "identity.key" => self.identity.key = value.into(),
             "identity.bundle" => self.identity.bundle = value.into(),
             "identity.workload_api" => self.identity.workload_api = Some(value.into()),
+            "identity.min_remaining" => {
+                self.identity.min_remaining = duration_text::parse(value).map_err(invalid)?
+            }
             "policy.dir" => self.policy.dir = value.into(),
             "policy.query" => self.policy.query = value.into(),
             "audit.path" => self.audit.path = value.into(),
@@ -329,6 +356,10 @@ impl Config {
                 self.inbound.upstream_timeout_ms,
             ),
             ("policy.eval_timeout_ms", self.policy.eval_timeout_ms),
+            (
+                "identity.watch_interval_ms",
+                self.identity.watch_interval_ms,
+            ),
             ("audit.queue_capacity", self.audit.queue_capacity as u64),
         ];
         for (key, value) in positive {
@@ -346,25 +377,54 @@ impl Config {
                     .into(),
             });
         }
+        let mut files = vec![
+            ("identity.cert".to_string(), &self.identity.cert),
+            ("identity.key".to_string(), &self.identity.key),
+            ("identity.bundle".to_string(), &self.identity.bundle),
+        ];
         if let Some(api) = &self.identity.workload_api {
-            return Err(Error::Invalid {
-                key: "identity.workload_api".into(),
-                message: format!(
-                    "{api:?}: the SPIFFE Workload API source is not available in this build yet; \
-                     use identity.cert, identity.key and identity.bundle"
-                ),
-            });
+            if !(api.starts_with("unix:") || api.starts_with("tcp:")) {
+                return Err(Error::Invalid {
+                    key: "identity.workload_api".into(),
+                    message: format!(
+                        "{api:?} is not a Workload API address like unix:///run/spire/sockets/agent.sock"
+                    ),
+                });
+            }
+            if !self.identity.federation.is_empty() {
+                return Err(Error::Invalid {
+                    key: "identity.federation".into(),
+                    message: "federated bundles come from the Workload API when \
+                              identity.workload_api is set"
+                        .into(),
+                });
+            }
+            // The agent supplies SVID and bundles; the files are not used.
+            files.clear();
         }
-        for (key, path) in [
-            ("identity.cert", &self.identity.cert),
-            ("identity.key", &self.identity.key),
-            ("identity.bundle", &self.identity.bundle),
-        ] {
+        let federation = self
+            .identity
+            .federation
+            .iter()
+            .map(|(td, path)| (format!("identity.federation.{td:?}"), path));
+        for (key, path) in files.into_iter().chain(federation) {
             std::fs::File::open(path).map_err(|source| Error::MissingFile {
-                key: key.into(),
+                key,
                 path: path.clone(),
                 source,
             })?;
+        }
+        if self
+            .identity
+            .federation
+            .contains_key(&self.identity.trust_domain)
+        {
+            return Err(Error::Invalid {
+                key: format!("identity.federation.{:?}", self.identity.trust_domain),
+                message:
+                    "is this sidecar's own trust domain; its anchors belong in identity.bundle"
+                        .into(),
+            });
         }
         std::fs::read_dir(&self.policy.dir).map_err(|source| Error::MissingFile {
             key: "policy.dir".into(),
@@ -406,6 +466,51 @@ impl Config {
     /// Paths are not secret; key material never lives in the config.
     pub fn redacted(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Durations written the way operators write them: `90s`, `5m`, `1h`.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(text: &str) -> Result<Duration, String> {
+        let bad = || format!("{text:?} is not a duration like 90s, 5m or 1h");
+        let text = text.trim();
+        let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let (number, unit) = text.split_at(split);
+        let number: u64 = number.parse().map_err(|_| bad())?;
+        let scale = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            _ => return Err(bad()),
+        };
+        number
+            .checked_mul(scale)
+            .map(Duration::from_secs)
+            .ok_or_else(bad)
+    }
+
+    pub fn format(d: &Duration) -> String {
+        let secs = d.as_secs();
+        if secs.is_multiple_of(3600) && secs > 0 {
+            format!("{}h", secs / 3600)
+        } else if secs.is_multiple_of(60) && secs > 0 {
+            format!("{}m", secs / 60)
+        } else {
+            format!("{secs}s")
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -585,6 +690,8 @@ mod tests {
         for key in OVERRIDABLE {
             let value = if key.ends_with("listen") {
                 "127.0.0.1:9"
+            } else if key.ends_with("min_remaining") {
+                "90s"
             } else if key.ends_with("_ms") || key.ends_with("connections") {
                 "5"
             } else {
@@ -593,5 +700,79 @@ mod tests {
             c.set(key, value, "test").unwrap();
         }
         assert!(c.set("inbound.nope", "1", "test").is_err());
+    }
+
+    #[test]
+    fn identity_lifecycle_keys() {
+        let c = parse(
+            r#"
+            [identity]
+            trust_domain = "pay.example"
+            min_remaining = "10m"
+            watch_interval_ms = 250
+            [identity.federation]
+            "partner.example" = "partner-bundle.pem"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.identity.min_remaining, Duration::from_secs(600));
+        assert_eq!(c.identity.watch_interval_ms, 250);
+        assert_eq!(
+            c.identity.federation["partner.example"],
+            PathBuf::from("partner-bundle.pem")
+        );
+        assert_eq!(
+            Config::default().identity.min_remaining,
+            Duration::from_secs(300)
+        );
+        let err = parse("[identity]\nmin_remaining = \"5 minutes\"\n").unwrap_err();
+        assert!(err.to_string().contains("min_remaining"), "{err}");
+        for (text, secs) in [("90s", 90), ("5m", 300), ("1h", 3600), ("0s", 0)] {
+            assert_eq!(duration_text::parse(text).unwrap().as_secs(), secs);
+        }
+        for bad in ["", "5", "m", "5d", "-5m", "1.5h"] {
+            assert!(duration_text::parse(bad).is_err(), "{bad}");
+        }
+        let json = c.redacted();
+        assert_eq!(json["identity"]["min_remaining"], "10m");
+    }
+
+    #[test]
+    fn spiffe_endpoint_socket_selects_the_workload_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[identity]\ntrust_domain = \"pay.example\"\n").unwrap();
+        let agent = |k: &str| {
+            (k == SPIFFE_ENDPOINT_SOCKET).then(|| "unix:///run/spire/agent.sock".to_string())
+        };
+        let c = Config::load(&path, &agent, &[]).unwrap();
+        assert_eq!(
+            c.identity.workload_api.as_deref(),
+            Some("unix:///run/spire/agent.sock")
+        );
+        // An explicit setting wins over the SPIFFE default.
+        let both = |k: &str| match k {
+            SPIFFE_ENDPOINT_SOCKET => Some("unix:///a.sock".to_string()),
+            "PORTCULLIS_IDENTITY_WORKLOAD_API" => Some("unix:///b.sock".to_string()),
+            _ => None,
+        };
+        let c = Config::load(&path, &both, &[]).unwrap();
+        assert_eq!(c.identity.workload_api.as_deref(), Some("unix:///b.sock"));
+        std::fs::write(
+            &path,
+            "[identity]\ntrust_domain = \"pay.example\"\nworkload_api = \"unix:///c.sock\"\n",
+        )
+        .unwrap();
+        let c = Config::load(&path, &agent, &[]).unwrap();
+        assert_eq!(c.identity.workload_api.as_deref(), Some("unix:///c.sock"));
+    }
+
+    #[test]
+    fn workload_api_address_is_checked() {
+        let mut c = Config::default();
+        c.identity.trust_domain = "pay.example".into();
+        c.identity.workload_api = Some("/run/spire/agent.sock".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("identity.workload_api"), "{err}");
     }
 }

@@ -201,7 +201,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Check(args)) => {
             let config = args.load()?;
-            let (identity, policy) = app::check(&config)?;
+            let (identity, policy) = runtime()?.block_on(app::check(&config))?;
             println!(
                 "config ok: {} as {} (SVID valid until {}), policy revision {} ({})",
                 args.config.display(),

@@ -5,8 +5,8 @@
 //! error kind): a raw path or an identity never becomes a label.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub use prometheus::Error;
@@ -32,6 +32,10 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     pub connections_refused: IntCounter,
     pub svid_expiry: IntGauge,
+    /// trust_domain = the own one and those in `[identity.federation]`.
+    pub bundle_expiry: IntGaugeVec,
+    /// result = ok | error
+    pub identity_reloads: IntCounterVec,
     /// result = ok | error
     pub policy_reloads: IntCounterVec,
     pub audit_written: IntCounter,
@@ -89,6 +93,20 @@ impl Metrics {
                 "portcullis_svid_expiry_timestamp_seconds",
                 "Unix time at which the sidecar's own SVID expires",
             )?,
+            bundle_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "portcullis_bundle_expiry_timestamp_seconds",
+                    "Unix time at which the first anchor of a trust domain's bundle expires",
+                ),
+                &["trust_domain"],
+            )?,
+            identity_reloads: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_identity_reloads_total",
+                    "Identity (SVID and bundle) updates by result; an error keeps the last good one",
+                ),
+                &["result"],
+            )?,
             policy_reloads: IntCounterVec::new(
                 Opts::new("portcullis_policy_reloads_total", "Policy loads by result"),
                 &["result"],
@@ -131,6 +149,8 @@ impl Metrics {
         registry.register(Box::new(m.open_connections.clone()))?;
         registry.register(Box::new(m.connections_refused.clone()))?;
         registry.register(Box::new(m.svid_expiry.clone()))?;
+        registry.register(Box::new(m.bundle_expiry.clone()))?;
+        registry.register(Box::new(m.identity_reloads.clone()))?;
         registry.register(Box::new(m.policy_reloads.clone()))?;
         registry.register(Box::new(m.audit_written.clone()))?;
         registry.register(Box::new(m.audit_dropped.clone()))?;
@@ -158,6 +178,7 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             m.policy_reloads.with_label_values(&[result]);
+            m.identity_reloads.with_label_values(&[result]);
         }
         for kind in ["connect", "timeout", "protocol", "circuit_open"] {
             m.upstream_errors.with_label_values(&[kind]);
