@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::drain;
 use crate::identity::IdentitySnapshot;
+use crate::policy::reload::LastReload;
 use crate::policy::PolicySnapshot;
 
 /// Readiness turns false this long before the SVID expires, so Kubernetes
@@ -32,6 +33,7 @@ pub struct State {
     pub config: Arc<Config>,
     pub identity: Arc<ArcSwap<IdentitySnapshot>>,
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
+    pub policy_reload: Arc<ArcSwap<LastReload>>,
     /// Set once the inbound listener accepts, cleared when draining starts.
     pub listening: Arc<AtomicBool>,
 }
@@ -103,7 +105,8 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                     "query": p.query,
                     "files": p.files,
                     "loaded_at": crate::audit::timestamp(p.loaded_at),
-                    "last_reload": {"result": "ok", "at": crate::audit::timestamp(p.loaded_at)},
+                    "mode": state.config.policy.mode,
+                    "last_reload": state.policy_reload.load().to_json(),
                 }),
             )
         }

@@ -28,6 +28,7 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{self, AuditSink, Event, Kind};
+use crate::config::PolicyMode;
 use crate::drain;
 use crate::identity::{IdentitySnapshot, SpiffeId};
 use crate::metrics::Metrics;
@@ -96,6 +97,9 @@ pub struct Shared {
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
     pub metrics: Arc<Metrics>,
     pub audit: AuditSink,
+    pub policy_mode: PolicyMode,
+    /// 0: bodies are never read for the policy.
+    pub max_body_bytes: usize,
     pub upstream: Upstream,
     pub limits: Limits,
 }
@@ -284,6 +288,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         );
     };
 
+    let dry_run = shared.policy_mode == PolicyMode::DryRun;
     let finish = |record: audit::RequestRecord,
                   decision: &str,
                   allowed: bool,
@@ -295,6 +300,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             allowed,
             reason,
             policy_revision: policy.revision.clone(),
+            dry_run,
         });
         record.finish(status);
         shared
@@ -363,23 +369,33 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .policy_eval_duration
         .observe(eval_started.elapsed().as_secs_f64());
 
+    // In dry-run a deny or a policy error is only recorded here; the
+    // request goes on as if allowed, but nothing the policy asked for is
+    // applied to it.
+    let mut would_deny: Option<String> = None;
     let decision = match evaluated {
         Ok(d) => d,
         Err(e) => {
             let reason = format!("policy evaluation failed: {e}");
-            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
-            let resp = error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "policy_error",
-                &reason,
-                &request_id,
-                Some(&policy.revision),
-            );
-            return finish(record, "error", false, reason, resp);
+            if dry_run {
+                tracing::warn!(request_id, peer = %ctx.peer.spiffe_id, method, path, "dry run, forwarding anyway: {reason}");
+                would_deny = Some(reason);
+                Decision::default()
+            } else {
+                tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+                let resp = error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "policy_error",
+                    &reason,
+                    &request_id,
+                    Some(&policy.revision),
+                );
+                return finish(record, "error", false, reason, resp);
+            }
         }
     };
 
-    if !decision.allowed {
+    if !decision.allowed && would_deny.is_none() {
         let reason = decision.reason.clone().unwrap_or_else(|| {
             format!(
                 "denied by {} (policy revision {})",
@@ -387,30 +403,59 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                 short(&policy.revision)
             )
         });
-        tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "denied: {reason}");
-        // A policy may choose the status, but a deny is always an error status.
-        let status = decision
-            .http_status
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .filter(|s| s.is_client_error() || s.is_server_error())
-            .unwrap_or(StatusCode::FORBIDDEN);
-        let mut resp = error_response(
-            status,
-            "forbidden",
-            &reason,
-            &request_id,
-            Some(&policy.revision),
-        );
-        add_policy_headers(resp.headers_mut(), &decision);
-        return finish(record, "deny", false, reason, resp);
+        if dry_run {
+            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "dry run, would deny: {reason}");
+            would_deny = Some(reason);
+        } else {
+            tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "denied: {reason}");
+            // A policy may choose the status, but a deny is always an error status.
+            let status = decision
+                .http_status
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            let mut resp = match &decision.body {
+                Some(body) => policy_body_response(status, body, &request_id),
+                None => error_response(
+                    status,
+                    "forbidden",
+                    &reason,
+                    &request_id,
+                    Some(&policy.revision),
+                ),
+            };
+            add_policy_headers(resp.headers_mut(), &decision.headers);
+            add_policy_headers(resp.headers_mut(), &decision.response_headers_to_add);
+            return finish(record, "deny", false, reason, resp);
+        }
     }
 
-    let reason = decision
-        .reason
-        .clone()
-        .unwrap_or_else(|| format!("allowed by {}", policy.query));
+    let (label, allowed, reason) = match would_deny {
+        Some(reason) => (
+            "would_deny",
+            false,
+            format!("dry run, would deny: {reason}"),
+        ),
+        None => (
+            "allow",
+            true,
+            decision
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("allowed by {}", policy.query)),
+        ),
+    };
+    // Only an enforced allow shapes the request and response.
+    let applied = if allowed {
+        decision
+    } else {
+        Decision::default()
+    };
     strip_hop_by_hop(&mut parts.headers);
-    add_policy_headers(&mut parts.headers, &decision);
+    for name in &applied.request_headers_to_remove {
+        parts.headers.remove(name.as_str());
+    }
+    add_policy_headers(&mut parts.headers, &applied.headers);
     set_identity_headers(&mut parts.headers, ctx, &request_id);
     if !parts.headers.contains_key(header::HOST) {
         if let Ok(v) = HeaderValue::from_str(&host) {
@@ -458,8 +503,9 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             if let Ok(v) = HeaderValue::from_str(&request_id) {
                 parts.headers.insert(X_REQUEST_ID, v);
             }
+            add_policy_headers(&mut parts.headers, &applied.response_headers_to_add);
             let resp = Response::from_parts(parts, Either::Left(body));
-            return finish(record, "allow", true, reason, resp);
+            return finish(record, label, allowed, reason, resp);
         }
         Ok(Err(e)) if e.is_connect() => (
             "connect",
@@ -484,7 +530,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .inc();
     tracing::warn!(request_id, kind, "{message}");
     let resp = error_response(status, "upstream_error", &message, &request_id, None);
-    finish(record, "allow", true, format!("{reason}; {message}"), resp)
+    finish(record, label, allowed, format!("{reason}; {message}"), resp)
 }
 
 /// `By=<own id>;Hash=<sha256 of the peer leaf>;URI=<peer id>`, Envoy's XFCC.
@@ -507,14 +553,22 @@ fn set_identity_headers(headers: &mut HeaderMap, ctx: &ConnCtx, request_id: &str
     }
 }
 
-fn add_policy_headers(headers: &mut HeaderMap, decision: &Decision) {
-    for (name, value) in &decision.headers {
+/// A name the policy gives once replaces the header; a name it repeats
+/// (an array of values) yields one header line per value.
+fn add_policy_headers(headers: &mut HeaderMap, policy_headers: &[(String, String)]) {
+    let mut previous: Option<&str> = None;
+    for (name, value) in policy_headers {
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
         ) {
             (Ok(n), Ok(v)) if n != XFCC && n != X_SPIFFE_ID => {
-                headers.insert(n, v);
+                if previous == Some(name.as_str()) {
+                    headers.append(n, v);
+                } else {
+                    headers.insert(n, v);
+                }
+                previous = Some(name);
             }
             _ => tracing::warn!(header = %name, "policy header ignored: invalid or reserved"),
         }
@@ -535,6 +589,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
+}
+
+/// A denial with the body the policy wrote (OPA-Envoy's `body`). Plain text
+/// unless the policy's own headers say otherwise.
+fn policy_body_response(status: StatusCode, body: &str, request_id: &str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_owned()))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    resp
 }
 
 pub fn error_response(
@@ -601,18 +670,16 @@ mod tests {
     #[test]
     fn policy_cannot_set_identity_headers() {
         let mut h = HeaderMap::new();
-        let d = Decision {
-            allowed: true,
-            http_status: None,
-            reason: None,
-            headers: vec![
-                ("x-spiffe-id".into(), "spiffe://evil/x".into()),
-                ("x-tenant".into(), "eu".into()),
-                ("bad header".into(), "v".into()),
-            ],
-        };
-        add_policy_headers(&mut h, &d);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h["x-tenant"], "eu");
+        h.insert("x-tenant", HeaderValue::from_static("forged"));
+        let headers = vec![
+            ("x-spiffe-id".to_owned(), "spiffe://evil/x".to_owned()),
+            ("x-tenant".to_owned(), "eu".to_owned()),
+            ("x-tenant".to_owned(), "us".to_owned()),
+            ("bad header".to_owned(), "v".to_owned()),
+        ];
+        add_policy_headers(&mut h, &headers);
+        assert_eq!(h.len(), 2);
+        let tenants: Vec<_> = h.get_all("x-tenant").iter().collect();
+        assert_eq!(tenants, ["eu", "us"]);
     }
 }

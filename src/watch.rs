@@ -30,10 +30,12 @@ pub fn spawn(
     settle: Duration,
 ) -> std::io::Result<Changes> {
     let (tx, rx) = watch::channel(0u64);
+    // Taken before returning, not on the thread: a change made right after
+    // `spawn` returns must count as a change, however late the thread runs.
+    let mut published = fingerprint(&paths);
     std::thread::Builder::new()
         .name("portcullis-watch".into())
         .spawn(move || {
-            let mut published = fingerprint(&paths);
             let mut pending: Option<([u8; 32], Instant)> = None;
             while !tx.is_closed() {
                 std::thread::sleep(interval);
