@@ -117,6 +117,35 @@ impl Decision {
 
 /// `{"name": "value"}` or `{"name": ["v1", "v2"]}`, the shapes OPA-Envoy
 /// accepts, flattened to pairs in name order.
+impl Decision {
+    /// The decision as `policy eval` prints it: every field, absent ones as
+    /// null or empty, so authors see what the proxy will do with it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let pairs = |h: &[(String, String)]| {
+            let mut map = serde_json::Map::new();
+            for (k, v) in h {
+                match map.get_mut(k) {
+                    Some(serde_json::Value::Array(values)) => values.push(v.as_str().into()),
+                    Some(first) => *first = serde_json::json!([first.clone(), v]),
+                    None => {
+                        map.insert(k.clone(), v.as_str().into());
+                    }
+                }
+            }
+            serde_json::Value::Object(map)
+        };
+        serde_json::json!({
+            "allowed": self.allowed,
+            "http_status": self.http_status,
+            "reason": self.reason,
+            "headers": pairs(&self.headers),
+            "response_headers_to_add": pairs(&self.response_headers_to_add),
+            "request_headers_to_remove": self.request_headers_to_remove,
+            "body": self.body,
+        })
+    }
+}
+
 fn header_map(field: &'static str, value: Option<&Value>) -> Result<Vec<(String, String)>, Error> {
     let map = match value {
         None | Some(Value::Null) => return Ok(Vec::new()),
