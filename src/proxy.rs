@@ -408,11 +408,12 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             would_deny = Some(reason);
         } else {
             tracing::info!(request_id, peer = %ctx.peer.spiffe_id, method, path, "denied: {reason}");
-            // A policy may choose the status, but a deny is always an error status.
+            // A policy may choose the status (a redirect included, as
+            // OPA-Envoy allows), but never a success: nothing was served.
             let status = decision
                 .http_status
                 .and_then(|s| StatusCode::from_u16(s).ok())
-                .filter(|s| s.is_client_error() || s.is_server_error())
+                .filter(|s| s.is_redirection() || s.is_client_error() || s.is_server_error())
                 .unwrap_or(StatusCode::FORBIDDEN);
             let mut resp = match &decision.body {
                 Some(body) => policy_body_response(status, body, &request_id),
