@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 pub mod decision;
 pub mod input;
+mod jwt;
 pub mod reload;
 pub mod testing;
 
@@ -257,6 +258,7 @@ impl Sources {
             limit: eval_timeout,
             check_interval: TIMER_CHECK_INTERVAL,
         });
+        jwt::register(&mut engine).map_err(|e| Error::Eval(format!("{e:#}")))?;
         for f in &self.files {
             if f.name == DATA_FILE {
                 let data = Value::from_json_str(&f.contents).map_err(|e| Error::Data {
