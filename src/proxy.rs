@@ -7,6 +7,7 @@
 //! the upstream with the verified identity. Every branch ends in exactly one
 //! audit record and one `portcullis_requests_total` increment.
 
+pub mod body;
 pub mod path;
 
 use std::convert::Infallible;
@@ -32,7 +33,7 @@ use crate::config::PolicyMode;
 use crate::drain;
 use crate::identity::{IdentitySnapshot, SpiffeId};
 use crate::metrics::Metrics;
-use crate::policy::input::{build_input, RequestFacts};
+use crate::policy::input::{add_body, build_input, RequestFacts};
 use crate::policy::{Decision, PolicySnapshot};
 use crate::tls::{self, PeerIdentity};
 
@@ -67,7 +68,7 @@ pub struct Limits {
 
 /// The local service, reached through a pooled keep-alive client.
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, body::Replay>,
     authority: http::uri::Authority,
     timeout: Duration,
 }
@@ -346,6 +347,34 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
         .unwrap_or_default();
 
+    // Bodies are read only when asked for, only for formats the policy can
+    // be shown parsed, and only up to the limit; the rest streams later.
+    let (body, body_prefix) = match (shared.max_body_bytes, body::kind(&parts.headers)) {
+        (limit, Some(kind)) if limit > 0 => {
+            match body::read_prefix(
+                body,
+                &parts.headers,
+                limit,
+                shared.limits.header_read_timeout,
+            )
+            .await
+            {
+                Ok((replay, prefix)) => (replay, Some((kind, prefix))),
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+                    let status = match e {
+                        body::Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                        body::Error::Read(_) => StatusCode::BAD_REQUEST,
+                    };
+                    let resp = error_response(status, "bad_request", &reason, &request_id, None);
+                    return finish(record, "deny", false, reason, resp);
+                }
+            }
+        }
+        _ => (body::Replay::new(body), None),
+    };
+
     let eval_started = Instant::now();
     let facts = RequestFacts {
         request_id: &request_id,
@@ -363,7 +392,16 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         destination_spiffe_id: ctx.own_id.as_str(),
         time: SystemTime::now(),
     };
-    let evaluated = policy.evaluate(build_input(&facts));
+    let mut input = build_input(&facts);
+    if let Some((kind, prefix)) = &body_prefix {
+        add_body(
+            &mut input,
+            *kind,
+            prefix.complete.as_deref(),
+            prefix.truncated,
+        );
+    }
+    let evaluated = policy.evaluate(input);
     shared
         .metrics
         .policy_eval_duration
