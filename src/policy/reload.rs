@@ -183,3 +183,74 @@ pub fn spawn(
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "package t\nimport rego.v1\ndefault allow := false\nallow if input.ok\n";
+    const TEST: &str =
+        "package t_test\nimport rego.v1\ntest_ok if data.t.allow with input as {\"ok\": true}\n";
+
+    fn setup(dir: &std::path::Path) -> (Options, Targets, tempfile::TempDir) {
+        let opts = Options {
+            dir: dir.to_owned(),
+            query: "data.t.allow".into(),
+            eval_timeout: Duration::from_secs(1),
+            require_tests_pass: true,
+            interval: Duration::from_millis(10),
+        };
+        let snapshot =
+            PolicySnapshot::load_checked(dir, &opts.query, opts.eval_timeout, true).unwrap();
+        let metrics = Arc::new(Metrics::new(&prometheus::Registry::new()).unwrap());
+        let audit_dir = tempfile::tempdir().unwrap();
+        let path = audit_dir.path().join("audit.log");
+        let (audit, _writer) =
+            crate::audit::start(path.to_str().unwrap(), 16, metrics.clone()).unwrap();
+        let targets = Targets {
+            last: Arc::new(ArcSwap::from_pointee(LastReload::initial(&snapshot))),
+            policy: Arc::new(ArcSwap::from_pointee(snapshot)),
+            metrics,
+            audit,
+        };
+        (opts, targets, audit_dir)
+    }
+
+    #[test]
+    fn unchanged_swapped_and_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.rego"), GOOD).unwrap();
+        std::fs::write(dir.path().join("t_test.rego"), TEST).unwrap();
+        let (opts, targets, _audit) = setup(dir.path());
+        let first = targets.policy.load().revision.clone();
+
+        assert!(matches!(reload_now(&opts, &targets), Outcome::Unchanged));
+
+        std::fs::write(dir.path().join("t.rego"), format!("{GOOD}# v2\n")).unwrap();
+        let Outcome::Swapped { revision } = reload_now(&opts, &targets) else {
+            panic!("not swapped")
+        };
+        assert_ne!(revision, first);
+        assert_eq!(targets.policy.load().revision, revision);
+        assert!(targets.last.load().ok);
+
+        // Compiles, fails its test: refused, the swapped-in set stays.
+        std::fs::write(
+            dir.path().join("t.rego"),
+            "package t\nimport rego.v1\nallow := false\n",
+        )
+        .unwrap();
+        let Outcome::Rejected(Error::TestsFailed { failures, .. }) = reload_now(&opts, &targets)
+        else {
+            panic!("not rejected")
+        };
+        assert!(failures.contains("t_test.rego:3"), "{failures}");
+        assert_eq!(targets.policy.load().revision, revision);
+        let last = targets.last.load();
+        assert!(!last.ok);
+        assert_eq!(last.revision, revision);
+        assert_eq!(last.to_json()["result"], "error");
+        let errors = targets.metrics.policy_reloads.with_label_values(&["error"]);
+        assert_eq!(errors.get(), 1);
+    }
+}
