@@ -65,6 +65,7 @@ fn request_event(k: usize) -> Event {
         allowed: true,
         reason: "checkout may create payments".into(),
         policy_revision: "a".repeat(64),
+        dry_run: false,
     });
     e
 }

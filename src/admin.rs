@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::drain;
 use crate::identity::workload_api::SourceHealth;
 use crate::identity::IdentitySnapshot;
+use crate::policy::reload::LastReload;
 use crate::policy::PolicySnapshot;
 
 pub struct State {
@@ -30,6 +31,7 @@ pub struct State {
     pub identity: Arc<ArcSwap<IdentitySnapshot>>,
     pub identity_health: Arc<SourceHealth>,
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
+    pub policy_reload: Arc<ArcSwap<LastReload>>,
     /// Set once the inbound listener accepts, cleared when draining starts.
     pub listening: Arc<AtomicBool>,
 }
@@ -101,7 +103,8 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                     "query": p.query,
                     "files": p.files,
                     "loaded_at": crate::audit::timestamp(p.loaded_at),
-                    "last_reload": {"result": "ok", "at": crate::audit::timestamp(p.loaded_at)},
+                    "mode": state.config.policy.mode,
+                    "last_reload": state.policy_reload.load().to_json(),
                 }),
             )
         }

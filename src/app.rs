@@ -18,7 +18,7 @@ use crate::config::{self, Config};
 use crate::drain;
 use crate::identity;
 use crate::metrics::Metrics;
-use crate::policy::{self, PolicySnapshot};
+use crate::policy::{self, reload, PolicySnapshot};
 use crate::proxy::{self, Limits, Shared, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,8 @@ pub enum Error {
     Audit(#[from] audit::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("policy reloader could not start: {0}")]
+    Watch(std::io::Error),
     #[error("{key} {addr}: cannot listen: {source}")]
     Bind {
         key: &'static str,
@@ -52,6 +54,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub identity: Arc<ArcSwap<identity::IdentitySnapshot>>,
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
+    /// The outcome of the latest policy (re)load, as `/policy` shows it.
+    pub policy_reload: Arc<ArcSwap<reload::LastReload>>,
     audit: audit::AuditSink,
     audit_writer: audit::Writer,
     trigger: drain::Trigger,
@@ -77,10 +81,11 @@ pub async fn check(config: &Config) -> Result<(identity::IdentitySnapshot, Polic
 const WORKLOAD_API_WAIT: Duration = Duration::from_secs(30);
 
 fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
-    PolicySnapshot::load(
+    PolicySnapshot::load_checked(
         &config.policy.dir,
         &config.policy.query,
         Duration::from_millis(config.policy.eval_timeout_ms),
+        config.policy.require_tests_pass,
     )
 }
 
@@ -129,6 +134,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     );
 
     let identity = Arc::new(ArcSwap::from_pointee(identity));
+    let policy_reload = Arc::new(ArcSwap::from_pointee(reload::LastReload::initial(&policy)));
     let policy = Arc::new(ArcSwap::from_pointee(policy));
     let publisher =
         identity::rotation::Publisher::new(identity.clone(), metrics.clone(), audit.clone());
@@ -145,6 +151,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         policy: policy.clone(),
         metrics: metrics.clone(),
         audit: audit.clone(),
+        policy_mode: config.policy.mode,
+        max_body_bytes: usize::try_from(config.policy.max_body_bytes).unwrap_or(usize::MAX),
         upstream: Upstream::new(
             upstream_addr,
             Duration::from_millis(config.inbound.upstream_connect_timeout_ms),
@@ -176,6 +184,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         identity: identity.clone(),
         identity_health: identity_health.clone(),
         policy: policy.clone(),
+        policy_reload: policy_reload.clone(),
         listening: listening.clone(),
     });
     match &config.identity.workload_api {
@@ -197,6 +206,25 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         EXPIRY_CHECK_INTERVAL,
         watch.clone(),
     ));
+    if config.policy.reload_interval_ms > 0 {
+        reload::spawn(
+            reload::Options {
+                dir: config.policy.dir.clone(),
+                query: config.policy.query.clone(),
+                eval_timeout: Duration::from_millis(config.policy.eval_timeout_ms),
+                require_tests_pass: config.policy.require_tests_pass,
+                interval: Duration::from_millis(config.policy.reload_interval_ms),
+            },
+            reload::Targets {
+                policy: policy.clone(),
+                last: policy_reload.clone(),
+                metrics: metrics.clone(),
+                audit: audit.clone(),
+            },
+            watch.clone(),
+        )
+        .map_err(Error::Watch)?;
+    }
     tokio::spawn(proxy::serve(inbound, shared, watch.clone()));
     tokio::spawn(admin::serve(admin_listener, admin_state, watch));
     tracing::info!(
@@ -212,6 +240,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         metrics,
         identity,
         policy,
+        policy_reload,
         audit,
         audit_writer,
         trigger,

@@ -56,6 +56,7 @@ pub enum Kind {
     Request,
     HandshakeRejected,
     PolicyLoaded,
+    PolicyRejected,
     SvidRotated,
     BundleUpdated,
     Startup,
@@ -131,6 +132,10 @@ pub struct Decision {
     pub allowed: bool,
     pub reason: String,
     pub policy_revision: String,
+    /// `policy.mode = "dry_run"`: the request was forwarded whatever
+    /// `allowed` says.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

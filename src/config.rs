@@ -132,6 +132,15 @@ pub struct Policy {
     pub dir: PathBuf,
     pub query: String,
     pub eval_timeout_ms: u64,
+    pub mode: PolicyMode,
+    /// A set whose own `test_` rules fail is refused, at startup and on
+    /// reload.
+    pub require_tests_pass: bool,
+    /// How often `dir` is checked for changes; 0 turns hot reload off.
+    pub reload_interval_ms: u64,
+    /// JSON and form request bodies up to this size are parsed into the
+    /// input's `parsed_body`; 0 (the default) never reads bodies.
+    pub max_body_bytes: u64,
 }
 
 impl Default for Policy {
@@ -140,8 +149,22 @@ impl Default for Policy {
             dir: "policies".into(),
             query: "data.portcullis.authz.allow".into(),
             eval_timeout_ms: 100,
+            mode: PolicyMode::Enforce,
+            require_tests_pass: true,
+            reload_interval_ms: 1_000,
+            max_body_bytes: 0,
         }
     }
+}
+
+/// `dry_run` evaluates and audits every decision but forwards denied
+/// requests too: how security teams roll a new policy out.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyMode {
+    #[default]
+    Enforce,
+    DryRun,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -236,6 +259,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "identity.min_remaining",
     "policy.dir",
     "policy.query",
+    "policy.mode",
     "audit.path",
     "admin.listen",
 ];
@@ -318,6 +342,13 @@ impl Config {
             }
             "policy.dir" => self.policy.dir = value.into(),
             "policy.query" => self.policy.query = value.into(),
+            "policy.mode" => {
+                self.policy.mode = match value {
+                    "enforce" => PolicyMode::Enforce,
+                    "dry_run" => PolicyMode::DryRun,
+                    _ => return Err(invalid(format!("{value:?} is not enforce or dry_run"))),
+                }
+            }
             "audit.path" => self.audit.path = value.into(),
             "admin.listen" => self.admin.listen = addr(value)?,
             _ => {
@@ -590,6 +621,26 @@ mod tests {
     }
 
     #[test]
+    fn policy_lifecycle_keys() {
+        let c = parse("[policy]\nmode = \"dry_run\"\nrequire_tests_pass = false\nreload_interval_ms = 0\nmax_body_bytes = 4096\n").unwrap();
+        assert_eq!(c.policy.mode, PolicyMode::DryRun);
+        assert!(!c.policy.require_tests_pass);
+        assert_eq!(
+            (c.policy.reload_interval_ms, c.policy.max_body_bytes),
+            (0, 4096)
+        );
+        let d = parse("").unwrap();
+        assert_eq!(d.policy.mode, PolicyMode::Enforce);
+        assert!(d.policy.require_tests_pass);
+        let err = parse("[policy]\nmode = \"audit\"\n").unwrap_err();
+        assert!(err.to_string().contains("mode"), "{err}");
+        let mut c = Config::default();
+        assert!(c.set("policy.mode", "nope", "test").is_err());
+        c.set("policy.mode", "dry_run", "test").unwrap();
+        assert_eq!(c.policy.mode, PolicyMode::DryRun);
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = parse("[inbound]\nlisten = \"127.0.0.1:1\"\nupstreem = \"x\"\n").unwrap_err();
         assert!(err.to_string().contains("upstreem"), "{err}");
@@ -688,7 +739,9 @@ mod tests {
     fn every_overridable_key_is_settable() {
         let mut c = Config::default();
         for key in OVERRIDABLE {
-            let value = if key.ends_with("listen") {
+            let value = if *key == "policy.mode" {
+                "dry_run"
+            } else if key.ends_with("listen") {
                 "127.0.0.1:9"
             } else if key.ends_with("min_remaining") {
                 "90s"

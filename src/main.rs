@@ -116,6 +116,33 @@ enum PolicyCommand {
         #[arg(long, default_value = "data.portcullis.authz.allow")]
         query: String,
     },
+    /// Print the input document the sidecar would build for a request, to
+    /// write tests and `policy eval` inputs against the real shape.
+    Input(InputArgs),
+}
+
+#[derive(Args)]
+struct InputArgs {
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// Path with optional query string, as the caller sends it.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// A request header, `name: value`; repeatable.
+    #[arg(long = "header", short = 'H')]
+    headers: Vec<String>,
+    /// The caller's SPIFFE ID, as its certificate would prove it.
+    #[arg(long, default_value = "spiffe://pay.example/ns/shop/sa/checkout")]
+    spiffe_id: String,
+    /// The sidecar's own SPIFFE ID.
+    #[arg(long, default_value = "spiffe://pay.example/ns/pay/sa/payments")]
+    destination: String,
+    #[arg(long, default_value = "localhost:15443")]
+    host: String,
+    #[arg(long, default_value = "HTTP/2")]
+    protocol: String,
+    #[arg(long, default_value = "127.0.0.1:51522")]
+    source_address: std::net::SocketAddr,
 }
 
 #[derive(Subcommand)]
@@ -294,20 +321,64 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let started = std::time::Instant::now();
             let decision = snapshot.evaluate(value)?;
             let took = started.elapsed();
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({
-                    "allowed": decision.allowed,
-                    "http_status": decision.http_status,
-                    "reason": decision.reason,
-                    "headers": decision.headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-                    "policy_revision": snapshot.revision,
-                }))?
-            );
+            let mut out = decision.to_json();
+            out["policy_revision"] = snapshot.revision.clone().into();
+            out["eval_time_us"] = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).into();
+            println!("{}", serde_json::to_string_pretty(&out)?);
             eprintln!("evaluated in {took:?}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy(PolicyCommand::Input(args)) => print_input(args),
     }
+}
+
+/// The input document for a request described by flags, built by the same
+/// code (path normalisation included) the sidecar runs.
+fn print_input(args: InputArgs) -> anyhow::Result<ExitCode> {
+    let (raw_path, query) = match args.path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (args.path.as_str(), None),
+    };
+    let path = portcullis::proxy::path::normalize(raw_path).map_err(|e| {
+        anyhow::anyhow!("--path {raw_path:?}: the sidecar would refuse it with 400: {e}")
+    })?;
+    let id = portcullis::identity::SpiffeId::parse(&args.spiffe_id)
+        .map_err(|e| anyhow::anyhow!("--spiffe-id: {e}"))?;
+    let mut headers = http::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h
+            .split_once(':')
+            .with_context(|| format!("--header {h:?}: expected `name: value`"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .with_context(|| format!("--header {h:?}: invalid name"))?;
+        let value = http::HeaderValue::from_str(value.trim())
+            .with_context(|| format!("--header {h:?}: invalid value"))?;
+        headers.append(name, value);
+    }
+    // As on the data path: the caller cannot choose the identity headers.
+    headers.remove(portcullis::proxy::XFCC);
+    headers.remove(portcullis::proxy::X_SPIFFE_ID);
+    let facts = policy::RequestFacts {
+        request_id: "00000000-0000-0000-0000-000000000000",
+        method: &args.method,
+        path: &path,
+        query,
+        host: &args.host,
+        scheme: "https",
+        protocol: &args.protocol,
+        headers: &headers,
+        source_spiffe_id: id.as_str(),
+        source_trust_domain: id.trust_domain(),
+        source_path: id.path(),
+        source_addr: args.source_address,
+        destination_spiffe_id: &args.destination,
+        time: std::time::SystemTime::now(),
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&policy::build_input_json(&facts))?
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `opa test` style: failures always, passes with -v, then a summary line.

@@ -11,6 +11,8 @@ use sha2::{Digest, Sha256};
 
 pub mod decision;
 pub mod input;
+mod jwt;
+pub mod reload;
 pub mod testing;
 
 pub use decision::Decision;
@@ -53,6 +55,15 @@ pub enum Error {
     Timeout { limit: Duration },
     #[error("policy evaluation failed: {0}")]
     Eval(String),
+    /// Raised only when tests are required: the set compiles but its own
+    /// `test_` rules say it is wrong. `failures` names each as
+    /// `rule (file:line): why`.
+    #[error("{failed} of {total} policy tests failed: {failures}")]
+    TestsFailed {
+        failed: usize,
+        total: usize,
+        failures: String,
+    },
     #[error("invalid policy decision: field `{field}`: {message}")]
     Decision {
         field: &'static str,
@@ -89,8 +100,31 @@ impl PolicySnapshot {
     /// Reads and compiles `dir`. Any problem refuses the whole snapshot, so
     /// the caller keeps serving with the previous one.
     pub fn load(dir: &Path, query: &str, eval_timeout: Duration) -> Result<Self, Error> {
+        Self::load_checked(dir, query, eval_timeout, false)
+    }
+
+    /// Like [`PolicySnapshot::load`], and with `require_tests_pass` also
+    /// runs the set's own `test_` rules, refusing it if any fails. The tests
+    /// run on the very bytes that were compiled (one read of the
+    /// directory), so a file changing mid-reload cannot slip past them.
+    pub fn load_checked(
+        dir: &Path,
+        query: &str,
+        eval_timeout: Duration,
+        require_tests_pass: bool,
+    ) -> Result<Self, Error> {
         let sources = Sources::read(dir)?;
         let mut engine = sources.engine(eval_timeout)?;
+        if require_tests_pass {
+            let report = testing::run_on(&sources, None)?;
+            if !report.all_passed() {
+                return Err(Error::TestsFailed {
+                    failed: report.failed,
+                    total: report.results.len(),
+                    failures: report.failure_summary(),
+                });
+            }
+        }
 
         // Checked up front so that a typo in the configured query is
         // reported as such rather than as a generic compile failure.
@@ -224,6 +258,7 @@ impl Sources {
             limit: eval_timeout,
             check_interval: TIMER_CHECK_INTERVAL,
         });
+        jwt::register(&mut engine).map_err(|e| Error::Eval(format!("{e:#}")))?;
         for f in &self.files {
             if f.name == DATA_FILE {
                 let data = Value::from_json_str(&f.contents).map_err(|e| Error::Data {

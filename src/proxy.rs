@@ -7,6 +7,7 @@
 //! the upstream with the verified identity. Every branch ends in exactly one
 //! audit record and one `portcullis_requests_total` increment.
 
+pub mod body;
 mod breaker;
 mod framing;
 pub mod path;
@@ -30,10 +31,11 @@ use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
 use crate::audit::{self, AuditSink, Event, Kind};
+use crate::config::PolicyMode;
 use crate::drain;
 use crate::identity::{IdentitySnapshot, SpiffeId};
 use crate::metrics::Metrics;
-use crate::policy::input::{build_input, RequestFacts};
+use crate::policy::input::{add_body, build_input, RequestFacts};
 use crate::policy::{Decision, PolicySnapshot};
 use crate::tls::{self, PeerIdentity};
 
@@ -70,7 +72,7 @@ pub struct Limits {
 
 /// The local service, reached through a pooled keep-alive client.
 pub struct Upstream {
-    client: Client<HttpConnector, Limited<Incoming>>,
+    client: Client<HttpConnector, Limited<body::Replay>>,
     authority: http::uri::Authority,
     timeout: Duration,
     breaker: breaker::Breaker,
@@ -117,6 +119,9 @@ pub struct Shared {
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
     pub metrics: Arc<Metrics>,
     pub audit: AuditSink,
+    pub policy_mode: PolicyMode,
+    /// 0: bodies are never read for the policy.
+    pub max_body_bytes: usize,
     pub upstream: Upstream,
     pub limits: Limits,
     pub rate_limiter: crate::ratelimit::RateLimiter,
@@ -346,6 +351,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         );
     };
 
+    let dry_run = shared.policy_mode == PolicyMode::DryRun;
     let finish = |record: audit::RequestRecord,
                   decision: &str,
                   allowed: bool,
@@ -357,6 +363,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             allowed,
             reason: audit::redact_pans(&reason).into_owned(),
             policy_revision: policy.revision.clone(),
+            dry_run,
         });
         record.finish(status);
         shared
@@ -466,6 +473,34 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .or_else(|| parts.uri.authority().map(|a| a.to_string()))
         .unwrap_or_default();
 
+    // Bodies are read only when asked for, only for formats the policy can
+    // be shown parsed, and only up to the limit; the rest streams later.
+    let (body, body_prefix) = match (shared.max_body_bytes, body::kind(&parts.headers)) {
+        (limit, Some(kind)) if limit > 0 => {
+            match body::read_prefix(
+                body,
+                &parts.headers,
+                limit,
+                shared.limits.header_read_timeout,
+            )
+            .await
+            {
+                Ok((replay, prefix)) => (replay, Some((kind, prefix))),
+                Err(e) => {
+                    let reason = e.to_string();
+                    tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
+                    let status = match e {
+                        body::Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                        body::Error::Read(_) => StatusCode::BAD_REQUEST,
+                    };
+                    let resp = error_response(status, "bad_request", &reason, &request_id, None);
+                    return finish(record, "deny", false, reason, resp);
+                }
+            }
+        }
+        _ => (body::Replay::new(body), None),
+    };
+
     let eval_started = Instant::now();
     let facts = RequestFacts {
         request_id: &request_id,
@@ -483,29 +518,55 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         destination_spiffe_id: ctx.own_id.as_str(),
         time: SystemTime::now(),
     };
-    let evaluated = policy.evaluate(build_input(&facts));
+    let mut input = build_input(&facts);
+    if let Some((kind, prefix)) = &body_prefix {
+        add_body(
+            &mut input,
+            *kind,
+            prefix.complete.as_deref(),
+            prefix.truncated,
+        );
+    }
+    let evaluated = policy.evaluate(input);
     shared
         .metrics
         .policy_eval_duration
         .observe(eval_started.elapsed().as_secs_f64());
 
+    // In dry-run a deny or a policy error is only recorded here; the
+    // request goes on as if allowed, but nothing the policy asked for is
+    // applied to it.
+    let mut would_deny: Option<String> = None;
     let decision = match evaluated {
         Ok(d) => d,
         Err(e) => {
             let reason = format!("policy evaluation failed: {e}");
-            tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
-            let resp = error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "policy_error",
-                &reason,
-                &request_id,
-                Some(&policy.revision),
-            );
-            return finish(record, "error", false, reason, resp);
+            if dry_run {
+                tracing::warn!(
+                    request_id,
+                    peer = %ctx.peer.spiffe_id,
+                    method,
+                    path = %audit::redact_pans(&path),
+                    "dry run, forwarding anyway: {}",
+                    audit::redact_pans(&reason)
+                );
+                would_deny = Some(reason);
+                Decision::default()
+            } else {
+                tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
+                let resp = error_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "policy_error",
+                    &reason,
+                    &request_id,
+                    Some(&policy.revision),
+                );
+                return finish(record, "error", false, reason, resp);
+            }
         }
     };
 
-    if !decision.allowed {
+    if !decision.allowed && would_deny.is_none() {
         let reason = decision.reason.clone().unwrap_or_else(|| {
             format!(
                 "denied by {} (policy revision {})",
@@ -513,38 +574,75 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                 short(&policy.revision)
             )
         });
-        // Logs get what the audit trail gets: card numbers masked.
-        tracing::info!(
-            request_id,
-            peer = %ctx.peer.spiffe_id,
-            method,
-            path = %audit::redact_pans(&path),
-            "denied: {}",
-            audit::redact_pans(&reason)
-        );
-        // A policy may choose the status, but a deny is always an error status.
-        let status = decision
-            .http_status
-            .and_then(|s| StatusCode::from_u16(s).ok())
-            .filter(|s| s.is_client_error() || s.is_server_error())
-            .unwrap_or(StatusCode::FORBIDDEN);
-        let mut resp = error_response(
-            status,
-            "forbidden",
-            &reason,
-            &request_id,
-            Some(&policy.revision),
-        );
-        add_policy_headers(resp.headers_mut(), &decision);
-        return finish(record, "deny", false, reason, resp);
+        if dry_run {
+            // Logs get what the audit trail gets: card numbers masked.
+            tracing::info!(
+                request_id,
+                peer = %ctx.peer.spiffe_id,
+                method,
+                path = %audit::redact_pans(&path),
+                "dry run, would deny: {}",
+                audit::redact_pans(&reason)
+            );
+            would_deny = Some(reason);
+        } else {
+            tracing::info!(
+                request_id,
+                peer = %ctx.peer.spiffe_id,
+                method,
+                path = %audit::redact_pans(&path),
+                "denied: {}",
+                audit::redact_pans(&reason)
+            );
+            // A policy may choose the status (a redirect included, as
+            // OPA-Envoy allows), but never a success: nothing was served.
+            let status = decision
+                .http_status
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .filter(|s| s.is_redirection() || s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::FORBIDDEN);
+            let mut resp = match &decision.body {
+                Some(body) => policy_body_response(status, body, &request_id),
+                None => error_response(
+                    status,
+                    "forbidden",
+                    &reason,
+                    &request_id,
+                    Some(&policy.revision),
+                ),
+            };
+            add_policy_headers(resp.headers_mut(), &decision.headers);
+            add_policy_headers(resp.headers_mut(), &decision.response_headers_to_add);
+            return finish(record, "deny", false, reason, resp);
+        }
     }
 
-    let reason = decision
-        .reason
-        .clone()
-        .unwrap_or_else(|| format!("allowed by {}", policy.query));
+    let (label, allowed, reason) = match would_deny {
+        Some(reason) => (
+            "would_deny",
+            false,
+            format!("dry run, would deny: {reason}"),
+        ),
+        None => (
+            "allow",
+            true,
+            decision
+                .reason
+                .clone()
+                .unwrap_or_else(|| format!("allowed by {}", policy.query)),
+        ),
+    };
+    // Only an enforced allow shapes the request and response.
+    let applied = if allowed {
+        decision
+    } else {
+        Decision::default()
+    };
     strip_hop_by_hop(&mut parts.headers);
-    add_policy_headers(&mut parts.headers, &decision);
+    for name in &applied.request_headers_to_remove {
+        parts.headers.remove(name.as_str());
+    }
+    add_policy_headers(&mut parts.headers, &applied.headers);
     set_identity_headers(&mut parts.headers, ctx, &request_id);
     if !parts.headers.contains_key(header::HOST) {
         if let Ok(v) = HeaderValue::from_str(&host) {
@@ -615,8 +713,9 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             if let Ok(v) = HeaderValue::from_str(&request_id) {
                 parts.headers.insert(X_REQUEST_ID, v);
             }
+            add_policy_headers(&mut parts.headers, &applied.response_headers_to_add);
             let resp = Response::from_parts(parts, Either::Left(body));
-            return finish(record, "allow", true, reason, resp);
+            return finish(record, label, allowed, reason, resp);
         }
         Ok(Err(e)) if is_length_limit(&e) => {
             return body_too_large(shared, record, &request_id, finish);
@@ -644,7 +743,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .inc();
     tracing::warn!(request_id, kind, "{}", audit::redact_pans(&message));
     let resp = error_response(status, "upstream_error", &message, &request_id, None);
-    finish(record, "allow", true, format!("{reason}; {message}"), resp)
+    finish(record, label, allowed, format!("{reason}; {message}"), resp)
 }
 
 fn body_too_large<F>(
@@ -706,14 +805,22 @@ fn set_identity_headers(headers: &mut HeaderMap, ctx: &ConnCtx, request_id: &str
     }
 }
 
-fn add_policy_headers(headers: &mut HeaderMap, decision: &Decision) {
-    for (name, value) in &decision.headers {
+/// A name the policy gives once replaces the header; a name it repeats
+/// (an array of values) yields one header line per value.
+fn add_policy_headers(headers: &mut HeaderMap, policy_headers: &[(String, String)]) {
+    let mut previous: Option<&str> = None;
+    for (name, value) in policy_headers {
         match (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
         ) {
             (Ok(n), Ok(v)) if n != XFCC && n != X_SPIFFE_ID => {
-                headers.insert(n, v);
+                if previous == Some(name.as_str()) {
+                    headers.append(n, v);
+                } else {
+                    headers.insert(n, v);
+                }
+                previous = Some(name);
             }
             _ => {
                 tracing::warn!(header = %audit::redact_pans(name), "policy header ignored: invalid or reserved")
@@ -736,6 +843,21 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
+}
+
+/// A denial with the body the policy wrote (OPA-Envoy's `body`). Plain text
+/// unless the policy's own headers say otherwise.
+fn policy_body_response(status: StatusCode, body: &str, request_id: &str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_owned()))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(X_REQUEST_ID, v);
+    }
+    resp
 }
 
 pub fn error_response(
@@ -802,18 +924,16 @@ mod tests {
     #[test]
     fn policy_cannot_set_identity_headers() {
         let mut h = HeaderMap::new();
-        let d = Decision {
-            allowed: true,
-            http_status: None,
-            reason: None,
-            headers: vec![
-                ("x-spiffe-id".into(), "spiffe://evil/x".into()),
-                ("x-tenant".into(), "eu".into()),
-                ("bad header".into(), "v".into()),
-            ],
-        };
-        add_policy_headers(&mut h, &d);
-        assert_eq!(h.len(), 1);
-        assert_eq!(h["x-tenant"], "eu");
+        h.insert("x-tenant", HeaderValue::from_static("forged"));
+        let headers = vec![
+            ("x-spiffe-id".to_owned(), "spiffe://evil/x".to_owned()),
+            ("x-tenant".to_owned(), "eu".to_owned()),
+            ("x-tenant".to_owned(), "us".to_owned()),
+            ("bad header".to_owned(), "v".to_owned()),
+        ];
+        add_policy_headers(&mut h, &headers);
+        assert_eq!(h.len(), 2);
+        let tenants: Vec<_> = h.get_all("x-tenant").iter().collect();
+        assert_eq!(tenants, ["eu", "us"]);
     }
 }

@@ -319,3 +319,118 @@ async fn demo_runs_end_to_end() {
     assert!(out.contains("audit hash chain verified"), "{out}");
     assert!(out.contains("portcullis_requests_total"), "{out}");
 }
+
+async fn portcullis_stdin(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn policy_test_verbose_lists_each_pass_and_run_filters() {
+    let dir = policies();
+    let dir = dir.to_str().unwrap();
+    let (ok, out, _) = portcullis(&["policy", "test", dir, "-v"]).await;
+    assert!(ok, "{out}");
+    let passes = out.lines().filter(|l| l.starts_with("PASS data.")).count();
+    assert!(passes > 10, "{out}");
+    assert!(out.contains(&format!("PASS: {passes}/{passes}")), "{out}");
+
+    let (ok, out, _) = portcullis(&["policy", "test", dir, "-v", "--run", "trust_domain"]).await;
+    assert!(ok, "{out}");
+    let selected = out.lines().filter(|l| l.starts_with("PASS data.")).count();
+    assert!(selected >= 1 && selected < passes, "{out}");
+    assert!(out
+        .lines()
+        .filter(|l| l.starts_with("PASS data."))
+        .all(|l| l.contains("trust_domain")));
+
+    let (ok, _, err) = portcullis(&["policy", "test", dir, "--run", "("]).await;
+    assert!(!ok && err.contains("--run"), "{err}");
+}
+
+#[tokio::test]
+async fn policy_test_fails_with_locations_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        "package p\nimport rego.v1\nallow if input.ok\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("p_test.rego"),
+        "package p_test\nimport rego.v1\n\ntest_ok if data.p.allow with input as {\"ok\": true}\n\ntest_wrong if data.p.allow with input as {\"ok\": false}\n",
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, out, _) = portcullis(&["policy", "test", d]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAIL data.p_test.test_wrong at ") && out.contains("p_test.rego:6: undefined"),
+        "{out}"
+    );
+    assert!(!out.contains("PASS data."), "passes only with -v: {out}");
+    assert!(out.contains("FAIL: 1/2 failed"), "{out}");
+
+    std::fs::write(dir.path().join("p.rego"), "package p\nallow if {\n").unwrap();
+    let (ok, out, err) = portcullis(&["policy", "test", d]).await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("p.rego:"), "{err}");
+}
+
+#[tokio::test]
+async fn policy_input_then_eval_from_stdin() {
+    let (ok, input, err) = portcullis(&[
+        "policy",
+        "input",
+        "--method",
+        "POST",
+        "--path",
+        "/v1/./payments?x=1",
+        "-H",
+        "Idempotency-Key: k-1",
+        "-H",
+        "x-spiffe-id: spiffe://forged/x",
+        "--spiffe-id",
+        "spiffe://pay.example/ns/shop/sa/checkout",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&input).unwrap();
+    let http = &doc["attributes"]["request"]["http"];
+    assert_eq!(http["path"], "/v1/payments?x=1");
+    assert_eq!(http["headers"]["idempotency-key"], "k-1");
+    assert!(http["headers"].get("x-spiffe-id").is_none());
+    assert_eq!(doc["parsed_path"], serde_json::json!(["v1", "payments"]));
+    assert_eq!(doc["source"]["trust_domain"], "pay.example");
+
+    let dir = policies();
+    let (ok, out, err) = portcullis_stdin(
+        &["policy", "eval", dir.to_str().unwrap(), "--input", "-"],
+        &input,
+    )
+    .await;
+    assert!(ok, "{err}");
+    let decision: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(decision["allowed"], true, "{out}");
+    assert!(decision["eval_time_us"].is_u64(), "{out}");
+    assert_eq!(decision["policy_revision"].as_str().unwrap().len(), 64);
+    assert!(err.contains("evaluated in"), "{err}");
+
+    let (ok, _, err) = portcullis(&["policy", "input", "--path", "/a/%2F/b"]).await;
+    assert!(!ok && err.contains("400"), "{err}");
+}

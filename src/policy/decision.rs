@@ -16,8 +16,16 @@ pub struct Decision {
     /// Status for the denial response; the proxy picks one when absent.
     pub http_status: Option<u16>,
     pub reason: Option<String>,
-    /// Extra response headers the policy asked for, in name order.
+    /// Allowed: added to the request sent upstream. Denied: added to the
+    /// denial response (OPA-Envoy's meaning in both cases). In name order; a
+    /// name repeats when the policy gave an array of values.
     pub headers: Vec<(String, String)>,
+    /// Added to the response the caller gets, on allow.
+    pub response_headers_to_add: Vec<(String, String)>,
+    /// Removed from the request before it goes upstream, on allow.
+    pub request_headers_to_remove: Vec<String>,
+    /// The body of the denial response, verbatim, in place of ours.
+    pub body: Option<String>,
 }
 
 impl Decision {
@@ -71,41 +79,115 @@ impl Decision {
                     Some(Value::String(s)) => Some(s.to_string()),
                     Some(other) => return Err(wrong_type("reason", "a string", other)),
                 };
-                let headers = match field("headers") {
+                let headers = header_map("headers", field("headers"))?;
+                let response_headers_to_add =
+                    header_map("response_headers_to_add", field("response_headers_to_add"))?;
+                let request_headers_to_remove = match field("request_headers_to_remove") {
                     None | Some(Value::Null) => Vec::new(),
-                    Some(Value::Object(map)) => {
-                        let mut headers = Vec::with_capacity(map.len());
-                        for (name, value) in map.iter_sorted() {
-                            match (name, value) {
-                                (Value::String(n), Value::String(v)) => {
-                                    headers.push((n.to_string(), v.to_string()));
-                                }
-                                _ => {
-                                    return Err(Error::Decision {
-                                        field: "headers",
-                                        message: format!(
-                                            "expected string values, got {name} = {value}"
-                                        ),
-                                    })
-                                }
-                            }
-                        }
-                        headers
+                    Some(v @ (Value::Array(_) | Value::Set(_))) => {
+                        strings("request_headers_to_remove", v)?
                     }
                     Some(other) => {
-                        return Err(wrong_type("headers", "an object of strings", other))
+                        return Err(wrong_type(
+                            "request_headers_to_remove",
+                            "an array of strings",
+                            other,
+                        ))
                     }
+                };
+                let body = match field("body") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(s.to_string()),
+                    Some(other) => return Err(wrong_type("body", "a string", other)),
                 };
                 Ok(Decision {
                     allowed,
                     http_status,
                     reason,
                     headers,
+                    response_headers_to_add,
+                    request_headers_to_remove,
+                    body,
                 })
             }
             other => Err(wrong_type("decision", "a boolean or an object", other)),
         }
     }
+}
+
+/// `{"name": "value"}` or `{"name": ["v1", "v2"]}`, the shapes OPA-Envoy
+/// accepts, flattened to pairs in name order.
+impl Decision {
+    /// The decision as `policy eval` prints it: every field, absent ones as
+    /// null or empty, so authors see what the proxy will do with it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let pairs = |h: &[(String, String)]| {
+            let mut map = serde_json::Map::new();
+            for (k, v) in h {
+                match map.get_mut(k) {
+                    Some(serde_json::Value::Array(values)) => values.push(v.as_str().into()),
+                    Some(first) => *first = serde_json::json!([first.clone(), v]),
+                    None => {
+                        map.insert(k.clone(), v.as_str().into());
+                    }
+                }
+            }
+            serde_json::Value::Object(map)
+        };
+        serde_json::json!({
+            "allowed": self.allowed,
+            "http_status": self.http_status,
+            "reason": self.reason,
+            "headers": pairs(&self.headers),
+            "response_headers_to_add": pairs(&self.response_headers_to_add),
+            "request_headers_to_remove": self.request_headers_to_remove,
+            "body": self.body,
+        })
+    }
+}
+
+fn header_map(field: &'static str, value: Option<&Value>) -> Result<Vec<(String, String)>, Error> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(map)) => map,
+        Some(other) => return Err(wrong_type(field, "an object of strings", other)),
+    };
+    let mut headers = Vec::with_capacity(map.len());
+    for (name, value) in map.iter_sorted() {
+        let Value::String(n) = name else {
+            return Err(wrong_type(field, "string header names", name));
+        };
+        match value {
+            Value::String(v) => headers.push((n.to_string(), v.to_string())),
+            Value::Array(_) => {
+                for v in strings(field, value)? {
+                    headers.push((n.to_string(), v));
+                }
+            }
+            _ => {
+                return Err(Error::Decision {
+                    field,
+                    message: format!("expected string values, got {name} = {value}"),
+                })
+            }
+        }
+    }
+    Ok(headers)
+}
+
+fn strings(field: &'static str, value: &Value) -> Result<Vec<String>, Error> {
+    let items: Vec<&Value> = match value {
+        Value::Array(a) => a.iter().collect(),
+        Value::Set(s) => s.iter().collect(),
+        other => return Err(wrong_type(field, "an array of strings", other)),
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            Value::String(s) => Ok(s.to_string()),
+            other => Err(wrong_type(field, "an array of strings", other)),
+        })
+        .collect()
 }
 
 fn wrong_type(field: &'static str, expected: &str, got: &Value) -> Error {
@@ -147,7 +229,7 @@ mod tests {
     fn full_object() {
         let d = decide(
             r#"{"allowed": false, "http_status": 429, "reason": "slow down",
-                "headers": {"retry-after": "5", "x-b": "b"}, "body": "ignored"}"#,
+                "headers": {"retry-after": "5", "x-b": ["b1", "b2"]}, "unknown": [1]}"#,
         )
         .unwrap();
         assert_eq!(
@@ -158,10 +240,33 @@ mod tests {
                 reason: Some("slow down".into()),
                 headers: vec![
                     ("retry-after".into(), "5".into()),
-                    ("x-b".into(), "b".into())
+                    ("x-b".into(), "b1".into()),
+                    ("x-b".into(), "b2".into())
                 ],
+                ..Decision::default()
             }
         );
+    }
+
+    #[test]
+    fn envoy_fields() {
+        let d = decide(
+            r#"{"allowed": false, "body": "no entry", "response_headers_to_add": {"x-r": "1"},
+                "request_headers_to_remove": ["authorization", "cookie"]}"#,
+        )
+        .unwrap();
+        assert_eq!(d.body.as_deref(), Some("no entry"));
+        assert_eq!(d.response_headers_to_add, vec![("x-r".into(), "1".into())]);
+        assert_eq!(d.request_headers_to_remove, vec!["authorization", "cookie"]);
+        for bad in [
+            r#"{"allowed": true, "body": {"a": 1}}"#,
+            r#"{"allowed": true, "response_headers_to_add": ["x"]}"#,
+            r#"{"allowed": true, "request_headers_to_remove": "cookie"}"#,
+            r#"{"allowed": true, "request_headers_to_remove": [1]}"#,
+            r#"{"allowed": true, "headers": {"a": [1]}}"#,
+        ] {
+            assert!(decide(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -91,6 +91,51 @@ pub fn build_input(f: &RequestFacts) -> Value {
     ])
 }
 
+/// The body formats the policy can be shown parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Form,
+}
+
+impl BodyKind {
+    /// From a `content-type` value: `application/json`, `application/*+json`
+    /// and `application/x-www-form-urlencoded`, parameters ignored.
+    pub fn of(content_type: &str) -> Option<BodyKind> {
+        let essence = content_type
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if essence == "application/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"))
+        {
+            Some(BodyKind::Json)
+        } else if essence == "application/x-www-form-urlencoded" {
+            Some(BodyKind::Form)
+        } else {
+            None
+        }
+    }
+}
+
+/// Adds `parsed_body` (when the whole body was read and parses) and
+/// `truncated_body` to an input document from [`build_input`]. A body that
+/// does not parse gets no `parsed_body`, so a policy that needs one denies.
+pub fn add_body(input: &mut Value, kind: BodyKind, complete: Option<&[u8]>, truncated: bool) {
+    let parsed = complete.and_then(|bytes| match kind {
+        BodyKind::Json => serde_json::from_slice::<Value>(bytes).ok(),
+        BodyKind::Form => Some(form(bytes)),
+    });
+    if let Ok(obj) = input.as_object_mut() {
+        if let Some(parsed) = parsed {
+            obj.insert(Value::from("parsed_body"), parsed);
+        }
+        obj.insert(Value::from("truncated_body"), Value::Bool(truncated));
+    }
+}
+
 /// The same document as JSON, for printing (`policy eval`, debugging).
 /// Converted from [`build_input`] so the two can never disagree.
 pub fn build_input_json(f: &RequestFacts) -> serde_json::Value {
@@ -144,13 +189,15 @@ fn parsed_path(path: &str) -> Value {
 /// `name -> [values...]` with form-urlencoded decoding (`+` is a space),
 /// like Go's `url.ParseQuery` that OPA-Envoy uses.
 fn parsed_query(query: Option<&str>) -> Value {
+    form(query.unwrap_or("").as_bytes())
+}
+
+fn form(bytes: &[u8]) -> Value {
     let mut out: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
-    if let Some(q) = query {
-        for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
-            out.entry(Value::from(k.as_ref()))
-                .or_default()
-                .push(Value::from(v.as_ref()));
-        }
+    for (k, v) in url::form_urlencoded::parse(bytes) {
+        out.entry(Value::from(k.as_ref()))
+            .or_default()
+            .push(Value::from(v.as_ref()));
     }
     Value::from(
         out.into_iter()
@@ -318,6 +365,51 @@ mod tests {
                 "x-bin": "caf\u{FFFD}",
             })
         );
+    }
+
+    #[test]
+    fn bodies_by_kind() {
+        assert_eq!(
+            BodyKind::of("application/json; charset=utf-8"),
+            Some(BodyKind::Json)
+        );
+        assert_eq!(
+            BodyKind::of("application/merge-patch+json"),
+            Some(BodyKind::Json)
+        );
+        assert_eq!(
+            BodyKind::of("Application/X-WWW-Form-Urlencoded"),
+            Some(BodyKind::Form)
+        );
+        assert_eq!(BodyKind::of("text/plain"), None);
+        let h = HeaderMap::new();
+        let f = facts("/", None, &h);
+        let mut input = build_input(&f);
+        add_body(
+            &mut input,
+            BodyKind::Json,
+            Some(br#"{"amount": 10}"#),
+            false,
+        );
+        let j = serde_json::to_value(&input).unwrap();
+        assert_eq!(j["parsed_body"], serde_json::json!({"amount": 10}));
+        assert_eq!(j["truncated_body"], false);
+        let mut input = build_input(&f);
+        add_body(&mut input, BodyKind::Form, Some(b"a=1&a=2&b=x+y"), false);
+        let j = serde_json::to_value(&input).unwrap();
+        assert_eq!(
+            j["parsed_body"],
+            serde_json::json!({"a": ["1", "2"], "b": ["x y"]})
+        );
+        let mut input = build_input(&f);
+        add_body(&mut input, BodyKind::Json, Some(b"{not json"), false);
+        let j = serde_json::to_value(&input).unwrap();
+        assert!(j.get("parsed_body").is_none());
+        let mut input = build_input(&f);
+        add_body(&mut input, BodyKind::Json, None, true);
+        let j = serde_json::to_value(&input).unwrap();
+        assert!(j.get("parsed_body").is_none());
+        assert_eq!(j["truncated_body"], true);
     }
 
     #[test]

@@ -39,13 +39,38 @@ impl TestReport {
     pub fn all_passed(&self) -> bool {
         self.failed == 0
     }
+
+    /// The failures on one line, `rule (file:line): why; ...`, for logs,
+    /// audit events and `/policy`.
+    pub fn failure_summary(&self) -> String {
+        self.results
+            .iter()
+            .filter(|r| !r.passed)
+            .map(|r| {
+                format!(
+                    "{} ({}:{}): {}",
+                    r.path,
+                    r.file,
+                    r.line,
+                    r.failure.as_deref().unwrap_or("failed")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
 }
 
 /// Loads `dir` as [`super::PolicySnapshot::load`] does and evaluates every
 /// rule named `test_*` (optionally only those whose full path matches
 /// `filter`). A test passes only when it evaluates to `true`.
 pub fn run_tests(dir: &Path, filter: Option<&regex::Regex>) -> Result<TestReport, Error> {
-    let sources = Sources::read(dir)?;
+    run_on(&Sources::read(dir)?, filter)
+}
+
+pub(super) fn run_on(
+    sources: &Sources,
+    filter: Option<&regex::Regex>,
+) -> Result<TestReport, Error> {
     let mut engine = sources.engine(TEST_TIMEOUT)?;
 
     let mut seen = BTreeSet::new();
