@@ -116,7 +116,7 @@ impl Metrics {
                 "Audit events written to the sink",
             )?,
             audit_dropped: IntCounter::new(
-                "portcullis_audit_events_dropped_total",
+                "portcullis_audit_dropped_total",
                 "Audit events that could not be written",
             )?,
             upstream_errors: IntCounterVec::new(

@@ -409,7 +409,11 @@ impl Loop {
         let due = match self.fsync {
             Fsync::Never => false,
             Fsync::Always => true,
-            Fsync::Interval => self.last_sync.elapsed() >= SYNC_INTERVAL,
+            // At most SYNC_INTERVAL of written lines unsynced under load,
+            // and none once the queue runs dry: an idle writer blocks on the
+            // queue and would otherwise leave its last lines in the page
+            // cache indefinitely.
+            Fsync::Interval => self.last_sync.elapsed() >= SYNC_INTERVAL || self.rx.is_empty(),
         };
         if due {
             self.out.sync();
