@@ -130,3 +130,33 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
         }
     }
 }
+
+/// The sidecar config shipped in the ConfigMaps (base: files from
+/// csi-driver-spiffe; SPIRE overlay: the Workload API) is valid TOML for
+/// this build: no unknown keys, and the identity source each one claims.
+#[test]
+fn shipped_sidecar_configs_parse() {
+    let base: yaml_serde::Value = yaml_serde::from_str(
+        &std::fs::read_to_string(root().join("k8s/base/config.yaml")).unwrap(),
+    )
+    .unwrap();
+    let toml = base["data"]["portcullis.toml"].as_str().unwrap();
+    let c = portcullis::config::Config::from_toml(toml, Path::new("k8s/base/config.yaml")).unwrap();
+    assert_eq!(
+        c.identity.cert,
+        PathBuf::from("/var/run/secrets/spiffe.io/tls.crt")
+    );
+    assert!(c.identity.workload_api.is_none());
+    assert_eq!(c.admin.listen.port(), 15000);
+
+    let patch: yaml_serde::Value = yaml_serde::from_str(
+        &std::fs::read_to_string(root().join("k8s/overlays/spire/config-patch.yaml")).unwrap(),
+    )
+    .unwrap();
+    let toml = patch[0]["value"].as_str().unwrap();
+    let c = portcullis::config::Config::from_toml(toml, Path::new("config-patch.yaml")).unwrap();
+    assert_eq!(
+        c.identity.workload_api.as_deref(),
+        Some("unix:///spiffe-workload-api/spire-agent.sock")
+    );
+}
