@@ -690,7 +690,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             &request_id,
             None,
         );
-        return finish(record, "allow", true, format!("{reason}; {message}"), resp);
+        return finish(record, label, allowed, format!("{reason}; {message}"), resp);
     };
     let sent = tokio::time::timeout(
         upstream.timeout,
