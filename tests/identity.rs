@@ -352,25 +352,6 @@ async fn ca_rotation_old_plus_new_then_new_only() {
     assert!(events.iter().any(|e| e["kind"] == "svid_rotated"));
 }
 
-/// Lays out a directory as the kubelet does for a Secret volume, or swaps
-/// it to a new generation: files in `..<generation>`, `..data` pointing
-/// there, visible names pointing through `..data`.
-fn kubelet_secret(root: &Path, generation: &str, files: &[(&str, &str)]) {
-    use std::os::unix::fs::symlink;
-    let data = root.join(format!("..{generation}"));
-    std::fs::create_dir_all(&data).unwrap();
-    for (name, text) in files {
-        std::fs::write(data.join(name), text).unwrap();
-        let visible = root.join(name);
-        if std::fs::symlink_metadata(&visible).is_err() {
-            symlink(Path::new("..data").join(name), &visible).unwrap();
-        }
-    }
-    let tmp = root.join("..data_tmp");
-    symlink(format!("..{generation}"), &tmp).unwrap();
-    std::fs::rename(&tmp, root.join("..data")).unwrap();
-}
-
 #[tokio::test]
 async fn kubernetes_data_symlink_swap_is_seen() {
     let pki = Pki::new();
@@ -383,7 +364,7 @@ async fn kubernetes_data_symlink_swap_is_seen() {
             ("tls.key", svid.key_pem.as_str()),
             ("ca.crt", pki.ca.cert_pem()),
         ];
-        kubelet_secret(&mount, generation, &files);
+        kubelet_swap(&mount, generation, &files);
     };
     write("2026_11_25_23_00_00.1", &first);
     let mut config = pki.config(&shipped_policy(), service.addr);

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -45,22 +44,10 @@ test_checkout_allowed if data.portcullis.authz.allow.allowed with input as {{"so
     ]
 }
 
-/// Writes a ConfigMap volume the way the kubelet does: files in a fresh
-/// timestamped directory, visible names as symlinks through `..data`, and
-/// the switch as one rename of `..data`.
+/// A ConfigMap volume update, the way the kubelet does it.
 fn configmap(root: &Path, version: u32, files: &[(&str, String)]) {
-    let data = root.join(format!("..2026_11_25_{version}"));
-    std::fs::create_dir_all(&data).unwrap();
-    for (name, text) in files {
-        std::fs::write(data.join(name), text).unwrap();
-        let visible = root.join(name);
-        if std::fs::symlink_metadata(&visible).is_err() {
-            symlink(Path::new("..data").join(name), &visible).unwrap();
-        }
-    }
-    let tmp = root.join("..data_tmp");
-    symlink(format!("..2026_11_25_{version}"), &tmp).unwrap();
-    std::fs::rename(&tmp, root.join("..data")).unwrap();
+    let files: Vec<(&str, &str)> = files.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    kubelet_swap(root, &format!("2026_11_25_{version}"), &files);
 }
 
 fn revision_of(files: &[(&str, String)]) -> String {

@@ -232,3 +232,23 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 pub fn requests(events: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     events.iter().filter(|e| e["kind"] == "request").collect()
 }
+
+/// Lays out (or updates) a directory the way the kubelet does for a
+/// mounted Secret or ConfigMap: files in a fresh `..<generation>` directory,
+/// visible names as symlinks through `..data`, and the switch as one atomic
+/// rename of `..data`.
+pub fn kubelet_swap(root: &Path, generation: &str, files: &[(&str, &str)]) {
+    use std::os::unix::fs::symlink;
+    let data = root.join(format!("..{generation}"));
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, text) in files {
+        std::fs::write(data.join(name), text).unwrap();
+        let visible = root.join(name);
+        if std::fs::symlink_metadata(&visible).is_err() {
+            symlink(Path::new("..data").join(name), &visible).unwrap();
+        }
+    }
+    let tmp = root.join("..data_tmp");
+    symlink(format!("..{generation}"), &tmp).unwrap();
+    std::fs::rename(&tmp, root.join("..data")).unwrap();
+}
