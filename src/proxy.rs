@@ -378,23 +378,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .map(|(k, v)| k.as_str().len() + v.len() + 32)
         .sum();
     if header_bytes > shared.limits.max_header_list_bytes {
-        shared
-            .metrics
-            .limits_exceeded
-            .with_label_values(&["header_bytes"])
-            .inc();
-        let reason = format!(
-            "request headers exceed {} bytes",
-            shared.limits.max_header_list_bytes
-        );
-        let resp = error_response(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers_too_large",
-            &reason,
-            &request_id,
-            None,
-        );
-        return finish(record, "deny", false, reason, resp);
+        return over_limit(Limit::HeaderBytes, shared, record, &request_id, finish);
     }
     let declared = req
         .headers()
@@ -402,7 +386,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > shared.limits.max_request_body_bytes as u64) {
-        return body_too_large(shared, record, &request_id, finish);
+        return over_limit(Limit::BodyBytes, shared, record, &request_id, finish);
     }
     if let Err(why) = framing::check(&req) {
         let reason = format!("malformed request refused before policy: {why}");
@@ -718,7 +702,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             return finish(record, label, allowed, reason, resp);
         }
         Ok(Err(e)) if is_length_limit(&e) => {
-            return body_too_large(shared, record, &request_id, finish);
+            return over_limit(Limit::BodyBytes, shared, record, &request_id, finish);
         }
         Ok(Err(e)) if e.is_connect() => (
             "connect",
@@ -746,7 +730,17 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     finish(record, label, allowed, format!("{reason}; {message}"), resp)
 }
 
-fn body_too_large<F>(
+/// The size limits a request can exceed before policy.
+#[derive(Clone, Copy)]
+enum Limit {
+    HeaderBytes,
+    BodyBytes,
+}
+
+/// Refuses a request over a size limit: counted by limit, audited as a
+/// deny, answered 431 or 413.
+fn over_limit<F>(
+    limit: Limit,
     shared: &Shared,
     record: audit::RequestRecord,
     request_id: &str,
@@ -755,22 +749,29 @@ fn body_too_large<F>(
 where
     F: Fn(audit::RequestRecord, &str, bool, String, Response<Body>) -> Response<Body>,
 {
+    let (label, what, max, status, error) = match limit {
+        Limit::HeaderBytes => (
+            "header_bytes",
+            "request headers exceed",
+            shared.limits.max_header_list_bytes,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+        ),
+        Limit::BodyBytes => (
+            "body_bytes",
+            "request body exceeds",
+            shared.limits.max_request_body_bytes,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+    };
     shared
         .metrics
         .limits_exceeded
-        .with_label_values(&["body_bytes"])
+        .with_label_values(&[label])
         .inc();
-    let reason = format!(
-        "request body exceeds {} bytes",
-        shared.limits.max_request_body_bytes
-    );
-    let resp = error_response(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "body_too_large",
-        &reason,
-        request_id,
-        None,
-    );
+    let reason = format!("{what} {max} bytes");
+    let resp = error_response(status, error, &reason, request_id, None);
     finish(record, "deny", false, reason, resp)
 }
 
