@@ -44,39 +44,11 @@ fn install_svid(pki: &Pki, issued: &Issued) {
     replace(&pki.cert, &issued.cert_pem);
 }
 
-/// The certificate a brand-new connection is served.
-async fn fresh_peer_cert(addr: std::net::SocketAddr, client: Arc<rustls::ClientConfig>) -> Vec<u8> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(client)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0]
-        .as_ref()
-        .to_vec()
-}
-
-/// Polls an async check until it holds, failing after ten seconds.
-async fn eventually_async<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn wait_for_served_cert(running: &Running, client: &Arc<rustls::ClientConfig>, der: &[u8]) {
     let addr = running.inbound_addr;
-    eventually_async("the new SVID to be served", || {
+    eventually_async(Duration::from_secs(10), "the new SVID to be served", || {
         let client = client.clone();
-        async move { fresh_peer_cert(addr, client).await == der }
+        async move { served_cert(addr, client).await == der }
     })
     .await;
 }
@@ -375,7 +347,7 @@ async fn kubernetes_data_symlink_swap_is_seen() {
     let running = app::start(config).await.unwrap();
     let client = pki.client(CHECKOUT);
     assert_eq!(
-        fresh_peer_cert(running.inbound_addr, client.clone()).await,
+        served_cert(running.inbound_addr, client.clone()).await,
         first.cert_der.as_ref()
     );
 
@@ -505,9 +477,11 @@ async fn readiness_flips_as_a_short_lived_svid_runs_out() {
     let running = app::start(config).await.unwrap();
     assert_eq!(admin_get(running.admin_addr, "/readyz").await.0, 200);
     let admin = running.admin_addr;
-    eventually_async("readiness to turn false", || async move {
-        admin_get(admin, "/readyz").await.0 == 503
-    })
+    eventually_async(
+        Duration::from_secs(10),
+        "readiness to turn false",
+        || async move { admin_get(admin, "/readyz").await.0 == 503 },
+    )
     .await;
     running.shutdown().await;
 }

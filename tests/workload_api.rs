@@ -18,7 +18,6 @@ use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis::app::{self, Running};
 use portcullis::certs::{DevCa, Issued, LeafSpec};
-use rustls::pki_types::ServerName;
 use tokio::sync::watch;
 
 // === the fake agent ===
@@ -193,40 +192,18 @@ async fn start_with_agent(pki: &Pki, upstream: std::net::SocketAddr) -> Running 
     app::start(config).await.unwrap()
 }
 
-async fn served_cert(addr: std::net::SocketAddr, client: Arc<rustls::ClientConfig>) -> Vec<u8> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(client)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0]
-        .as_ref()
-        .to_vec()
-}
-
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn wait_served(running: &Running, pki: &Pki, svid: &Issued) {
     let addr = running.inbound_addr;
     let client = pki.client(CHECKOUT);
     let want = svid.cert_der.as_ref().to_vec();
-    until("the agent's new SVID to be served", || {
-        let (client, want) = (client.clone(), want.clone());
-        async move { served_cert(addr, client).await == want }
-    })
+    eventually_async(
+        Duration::from_secs(15),
+        "the agent's new SVID to be served",
+        || {
+            let (client, want) = (client.clone(), want.clone());
+            async move { served_cert(addr, client).await == want }
+        },
+    )
     .await;
 }
 
@@ -352,9 +329,11 @@ async fn permission_denied_turns_readiness_off_until_an_identity_returns() {
     // The workload's registration is deleted: the agent ends the stream and
     // refuses the reconnect.
     agent.send(Answer::PermissionDenied);
-    until("not ready after PermissionDenied", || async move {
-        admin_get(admin, "/readyz").await.0 == 503
-    })
+    eventually_async(
+        Duration::from_secs(15),
+        "not ready after PermissionDenied",
+        || async move { admin_get(admin, "/readyz").await.0 == 503 },
+    )
     .await;
     let (_, body) = admin_get(admin, "/readyz").await;
     assert!(body.contains("permission denied"), "{body}");
@@ -363,7 +342,7 @@ async fn permission_denied_turns_readiness_off_until_an_identity_returns() {
     let second = sidecar_svid(&pki.ca);
     let agent = FakeAgent::start(&socket(&pki), x509_svid_response(&second, &pki.ca, &[]));
     wait_served(&running, &pki, &second).await;
-    until("ready again", || async move {
+    eventually_async(Duration::from_secs(15), "ready again", || async move {
         admin_get(admin, "/readyz").await.0 == 200
     })
     .await;

@@ -252,3 +252,34 @@ pub fn kubelet_swap(root: &Path, generation: &str, files: &[(&str, &str)]) {
     symlink(format!("..{generation}"), &tmp).unwrap();
     std::fs::rename(&tmp, root.join("..data")).unwrap();
 }
+
+/// The certificate a brand-new connection to `addr` is served.
+pub async fn served_cert(addr: std::net::SocketAddr, client: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(client)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+/// [`eventually`] for checks that must await (a request, a scrape).
+pub async fn eventually_async<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + deadline;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
