@@ -14,17 +14,17 @@
 //!
 //! Known disagreement (regorus 0.14.1): the RVM returns undefined for
 //! `x := "a" if { some q in [1]; q == 2 } else := "b"` where the
-//! interpreter returns "b"; the shipped policy's deny branches sit behind
-//! exactly such an `else`. `benches/rvm_policy/authz.rego` is the shipped
-//! policy reshaped so the `some` loops sit in helper rules: it passes the
-//! shipped Rego tests and the RVM agrees with the interpreter on every
-//! input here. It stays a benchmark, not the shipped policy's evaluator:
-//! the RVM compiler refuses `with`, so the policy's own tests cannot be run
-//! on it to prove the two agree for a given policy.
+//! interpreter returns "b". The shipped policy keeps its `some` loops out
+//! of `else` chains, and `PolicySnapshot` only uses the RVM after checking
+//! it agrees with the interpreter on the policy's test inputs.
+//! `tests/fixtures/else_after_some.rego` is the policy's earlier shape,
+//! which the RVM gets wrong: this bench shows it DISAGREES.
 //!
-//! Four suites: the shipped and the reshaped policy, each also with a
+//! Four suites: the shipped and the earlier policy, each also with a
 //! 1,000-entry allow-list added to `data.access.workloads`. "whole
 //! decision" adds the time `build_input` takes for a typical request.
+//! `cargo bench --bench decision` (criterion) measures the whole decision
+//! as shipped.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
-use portcullis::policy::{build_input, Decision, PolicySnapshot, RequestFacts};
+use portcullis::policy::{build_input, Decision, EvaluatorMode, PolicySnapshot, RequestFacts};
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::program::Program;
 use regorus::rvm::vm::RegoVM;
@@ -207,19 +207,22 @@ fn main() {
     // pays for time-limit checks alike.
     set_fallback_execution_timer_config(Some(timer()));
 
-    // The shipped policy reshaped so that no `else` follows a `some` body
-    // (benches/rvm_policy/authz.rego); it must pass the shipped tests.
-    let reshaped = tempfile::tempdir().expect("tempdir");
+    // The earlier shape, with `some` inside the `else` chain; it passes the
+    // shipped tests on the interpreter.
+    let earlier = tempfile::tempdir().expect("tempdir");
     for (from, name) in [
-        (root.join("benches/rvm_policy/authz.rego"), "authz.rego"),
+        (
+            root.join("tests/fixtures/else_after_some.rego"),
+            "authz.rego",
+        ),
         (shipped.join("authz_test.rego"), "authz_test.rego"),
         (shipped.join("data.json"), "data.json"),
     ] {
-        std::fs::copy(from, reshaped.path().join(name)).expect("copy");
+        std::fs::copy(from, earlier.path().join(name)).expect("copy");
     }
-    let report = portcullis::policy::run_tests(reshaped.path(), None).expect("tests");
+    let report = portcullis::policy::run_tests(earlier.path(), None).expect("tests");
     println!(
-        "reshaped policy: {}/{} shipped Rego tests pass",
+        "earlier policy shape: {}/{} shipped Rego tests pass",
         report.passed,
         report.results.len()
     );
@@ -237,24 +240,26 @@ fn main() {
                 serde_json::json!([{"method": "GET", "path": format!("/v1/team{n}/**")}]);
         }
         std::fs::write(dir.path().join("data.json"), data.to_string()).expect("write");
-        std::fs::copy(policy_dir.join("authz.rego"), dir.path().join("authz.rego")).expect("copy");
+        for name in ["authz.rego", "authz_test.rego"] {
+            std::fs::copy(policy_dir.join(name), dir.path().join(name)).expect("copy");
+        }
         dir
     };
     let shipped_big = big(&shipped);
-    let reshaped_big = big(reshaped.path());
+    let earlier_big = big(earlier.path());
 
     let build_ns = time_build_input(quick);
     println!("\nbuild_input (typical request): {build_ns} ns\n");
     for (title, dir) in [
         ("shipped policy", shipped.as_path()),
-        ("reshaped for the RVM", reshaped.path()),
+        ("earlier shape (else after some)", earlier.path()),
         (
             "shipped policy, 1,000-entry allow-list in data",
             shipped_big.path(),
         ),
         (
-            "reshaped, 1,000-entry allow-list in data",
-            reshaped_big.path(),
+            "earlier shape, 1,000-entry allow-list in data",
+            earlier_big.path(),
         ),
     ] {
         suite(title, dir, quick, build_ns);
@@ -302,7 +307,14 @@ fn time_build_input(quick: bool) -> u128 {
 fn suite(title: &str, dir: &Path, quick: bool, build_ns: u128) {
     println!("=== {title} ===");
 
-    let snapshot = PolicySnapshot::load(dir, QUERY, TIMEOUT).expect("load policies");
+    let snapshot =
+        PolicySnapshot::load_checked(dir, QUERY, TIMEOUT, false, EvaluatorMode::Interpreter)
+            .expect("load policies");
+    let auto = PolicySnapshot::load(dir, QUERY, TIMEOUT).expect("load policies");
+    println!(
+        "evaluator (auto): {}: {}",
+        auto.evaluator, auto.evaluator_reason
+    );
     let mut engine = Engine::new();
     engine.set_execution_timer_config(timer());
     let mut names: Vec<_> = std::fs::read_dir(dir)
@@ -343,8 +355,12 @@ fn suite(title: &str, dir: &Path, quick: bool, build_ns: u128) {
 
     let mut modes: Vec<(&str, Eval)> = vec![
         (
-            "a  engine clone per eval (shipped)",
+            "a  engine clone per eval (interpreter)",
             Box::new(|i: &Value| snapshot.evaluate(i.clone()).map_err(|e| e.to_string())),
+        ),
+        (
+            "s  PolicySnapshot::evaluate (auto)",
+            Box::new(|i: &Value| auto.evaluate(i.clone()).map_err(|e| e.to_string())),
         ),
         (
             "a' engine reused (per thread)",

@@ -104,6 +104,8 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                     "files": p.files,
                     "loaded_at": crate::audit::timestamp(p.loaded_at),
                     "mode": state.config.policy.mode,
+                    "evaluator": p.evaluator,
+                    "evaluator_reason": p.evaluator_reason,
                     "last_reload": state.policy_reload.load().to_json(),
                 }),
             )

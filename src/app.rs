@@ -86,6 +86,7 @@ fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
         &config.policy.query,
         Duration::from_millis(config.policy.eval_timeout_ms),
         config.policy.require_tests_pass,
+        config.policy.evaluator,
     )
 }
 
@@ -213,6 +214,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                 query: config.policy.query.clone(),
                 eval_timeout: Duration::from_millis(config.policy.eval_timeout_ms),
                 require_tests_pass: config.policy.require_tests_pass,
+                evaluator: config.policy.evaluator,
                 interval: Duration::from_millis(config.policy.reload_interval_ms),
             },
             reload::Targets {

@@ -141,6 +141,9 @@ pub struct Policy {
     /// JSON and form request bodies up to this size are parsed into the
     /// input's `parsed_body`; 0 (the default) never reads bodies.
     pub max_body_bytes: u64,
+    /// `auto` decides on regorus's RVM when it agrees with the interpreter
+    /// on every input of the policy's tests; `interpreter` never uses it.
+    pub evaluator: crate::policy::EvaluatorMode,
 }
 
 impl Default for Policy {
@@ -153,6 +156,7 @@ impl Default for Policy {
             require_tests_pass: true,
             reload_interval_ms: 1_000,
             max_body_bytes: 0,
+            evaluator: crate::policy::EvaluatorMode::Auto,
         }
     }
 }
@@ -260,6 +264,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "policy.dir",
     "policy.query",
     "policy.mode",
+    "policy.evaluator",
     "audit.path",
     "admin.listen",
 ];
@@ -347,6 +352,13 @@ impl Config {
                     "enforce" => PolicyMode::Enforce,
                     "dry_run" => PolicyMode::DryRun,
                     _ => return Err(invalid(format!("{value:?} is not enforce or dry_run"))),
+                }
+            }
+            "policy.evaluator" => {
+                self.policy.evaluator = match value {
+                    "auto" => crate::policy::EvaluatorMode::Auto,
+                    "interpreter" => crate::policy::EvaluatorMode::Interpreter,
+                    _ => return Err(invalid(format!("{value:?} is not auto or interpreter"))),
                 }
             }
             "audit.path" => self.audit.path = value.into(),
@@ -741,6 +753,8 @@ mod tests {
         for key in OVERRIDABLE {
             let value = if *key == "policy.mode" {
                 "dry_run"
+            } else if *key == "policy.evaluator" {
+                "interpreter"
             } else if key.ends_with("listen") {
                 "127.0.0.1:9"
             } else if key.ends_with("min_remaining") {

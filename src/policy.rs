@@ -3,6 +3,7 @@
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use regorus::utils::limits::ExecutionTimerConfig;
@@ -13,10 +14,12 @@ pub mod decision;
 pub mod input;
 mod jwt;
 pub mod reload;
+mod rvm;
 pub mod testing;
 
 pub use decision::Decision;
 pub use input::{build_input, build_input_json, RequestFacts};
+pub use rvm::EvaluatorMode;
 pub use testing::{run_tests, TestReport, TestResult};
 
 /// The optional data document loaded beside the policies.
@@ -85,22 +88,27 @@ pub struct PolicySnapshot {
     /// The rule whose value is the decision, e.g. `data.portcullis.authz.allow`.
     pub query: String,
     eval_timeout: Duration,
+    /// `"rvm"` or `"interpreter"`: which engine decides requests.
+    pub evaluator: &'static str,
+    /// Why that engine: the RVM's agreement with the interpreter on the
+    /// policy's test inputs, or why it could not be used.
+    pub evaluator_reason: String,
     /// Parsed, analysed and prepared once at load; each evaluation works on
     /// a clone, which shares the compiled policy and data by reference
     /// count, so requests never see each other's state. benches/policy_modes.rs
     /// measured this as fast as `CompiledPolicy::eval_with_input` (which
-    /// only honours the process-wide timer) and a reused per-thread engine;
-    /// the RVM is ~4x faster but disqualified: regorus 0.14.1's RVM skips an
-    /// `else` that follows a body whose `some` loop failed, which changes the
-    /// shipped policy's decisions.
+    /// only honours the process-wide timer) and a reused per-thread engine.
+    /// It is also the reference the RVM is checked against.
     engine: Engine,
+    /// Present only when proven to agree with `engine` (see `rvm`).
+    rvm: Option<Arc<rvm::Rvm>>,
 }
 
 impl PolicySnapshot {
     /// Reads and compiles `dir`. Any problem refuses the whole snapshot, so
     /// the caller keeps serving with the previous one.
     pub fn load(dir: &Path, query: &str, eval_timeout: Duration) -> Result<Self, Error> {
-        Self::load_checked(dir, query, eval_timeout, false)
+        Self::load_checked(dir, query, eval_timeout, false, EvaluatorMode::Auto)
     }
 
     /// Like [`PolicySnapshot::load`], and with `require_tests_pass` also
@@ -112,6 +120,7 @@ impl PolicySnapshot {
         query: &str,
         eval_timeout: Duration,
         require_tests_pass: bool,
+        evaluator: EvaluatorMode,
     ) -> Result<Self, Error> {
         let sources = Sources::read(dir)?;
         let mut engine = sources.engine(eval_timeout)?;
@@ -143,25 +152,45 @@ impl PolicySnapshot {
                 message: e.to_string(),
             })?;
 
+        let choice = rvm::choose(&sources, &engine, query, timer(eval_timeout), evaluator)?;
+
         Ok(PolicySnapshot {
             revision: sources.revision,
             files: sources.files.into_iter().map(|f| f.name).collect(),
             loaded_at: SystemTime::now(),
             query: query.to_owned(),
             eval_timeout,
+            evaluator: if choice.rvm.is_some() {
+                "rvm"
+            } else {
+                "interpreter"
+            },
+            evaluator_reason: choice.reason,
             engine,
+            rvm: choice.rvm.map(Arc::new),
         })
     }
 
     /// Decides one request. Errors (including timeouts) are the caller's to
     /// turn into a deny: this layer never guesses a decision.
     pub fn evaluate(&self, input: Value) -> Result<Decision, Error> {
-        let mut engine = self.engine.clone();
-        engine.set_input(input);
-        let value = engine
-            .eval_rule(self.query.clone())
-            .map_err(|e| eval_error(e, self.eval_timeout))?;
+        let value = match &self.rvm {
+            Some(rvm) => rvm.eval(input),
+            None => {
+                let mut engine = self.engine.clone();
+                engine.set_input(input);
+                engine.eval_rule(self.query.clone())
+            }
+        }
+        .map_err(|e| eval_error(e, self.eval_timeout))?;
         Decision::from_value(&value)
+    }
+}
+
+fn timer(limit: Duration) -> ExecutionTimerConfig {
+    ExecutionTimerConfig {
+        limit,
+        check_interval: TIMER_CHECK_INTERVAL,
     }
 }
 
@@ -172,6 +201,9 @@ fn eval_error(e: anyhow::Error, limit: Duration) -> Error {
         matches!(
             cause.downcast_ref::<regorus::LimitError>(),
             Some(regorus::LimitError::TimeLimitExceeded { .. })
+        ) || matches!(
+            cause.downcast_ref::<regorus::rvm::vm::VmError>(),
+            Some(regorus::rvm::vm::VmError::TimeLimitExceeded { .. })
         )
     }) || e.to_string().contains("exceeded time limit");
     if timed_out {
@@ -254,10 +286,7 @@ impl Sources {
 
     fn engine(&self, eval_timeout: Duration) -> Result<Engine, Error> {
         let mut engine = Engine::new();
-        engine.set_execution_timer_config(ExecutionTimerConfig {
-            limit: eval_timeout,
-            check_interval: TIMER_CHECK_INTERVAL,
-        });
+        engine.set_execution_timer_config(timer(eval_timeout));
         jwt::register(&mut engine).map_err(|e| Error::Eval(format!("{e:#}")))?;
         for f in &self.files {
             if f.name == DATA_FILE {
@@ -285,6 +314,30 @@ impl Sources {
             }
         }
         Ok(engine)
+    }
+}
+
+impl Sources {
+    /// The same files with some contents replaced, keyed by the path
+    /// regorus knows them by. The revision is kept: this is the same set,
+    /// instrumented.
+    fn rewritten(&self, replacements: &std::collections::BTreeMap<String, String>) -> Sources {
+        let files = self
+            .files
+            .iter()
+            .map(|f| SourceFile {
+                name: f.name.clone(),
+                path: f.path.clone(),
+                contents: replacements
+                    .get(&f.path.display().to_string())
+                    .cloned()
+                    .unwrap_or_else(|| f.contents.clone()),
+            })
+            .collect();
+        Sources {
+            files,
+            revision: self.revision.clone(),
+        }
     }
 }
 

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
-use portcullis::policy::{build_input, run_tests, Decision, PolicySnapshot, RequestFacts};
+use portcullis::policy::{
+    build_input, run_tests, Decision, EvaluatorMode, PolicySnapshot, RequestFacts,
+};
 
 const QUERY: &str = "data.portcullis.authz.allow";
 
@@ -200,4 +202,89 @@ fn snapshot_is_shared_across_threads() {
     for h in handles {
         assert!(h.join().unwrap());
     }
+}
+
+fn snapshot_in(dir: &Path, evaluator: EvaluatorMode) -> PolicySnapshot {
+    PolicySnapshot::load_checked(dir, QUERY, Duration::from_millis(500), true, evaluator).unwrap()
+}
+
+/// The shipped policy is decided by the RVM, and the RVM and the
+/// interpreter agree on requests the Rego tests never made.
+#[test]
+fn shipped_policy_runs_on_the_rvm_and_agrees_beyond_its_tests() {
+    let rvm = snapshot_in(&policies_dir(), EvaluatorMode::Auto);
+    assert_eq!(rvm.evaluator, "rvm", "{}", rvm.evaluator_reason);
+    let interp = snapshot_in(&policies_dir(), EvaluatorMode::Interpreter);
+    assert_eq!(interp.evaluator, "interpreter");
+
+    let callers = [
+        CHECKOUT,
+        "spiffe://pay.example/ns/support/sa/refunds",
+        "spiffe://pay.example/ns/finance/sa/reporting",
+        "spiffe://pay.example/ns/shop/sa/frontend",
+        "spiffe://pay.example/ns/other/sa/unknown",
+        "spiffe://evil.example/ns/shop/sa/checkout",
+    ];
+    let paths = [
+        "/",
+        "/healthz",
+        "/v1/payments",
+        "/v1/payments/pay_1",
+        "/v1/payments/pay_1/refunds",
+        "/v1/payments/pay_1/refunds/r_2",
+        "/v1/reports",
+        "/v1/reports/2026/11",
+    ];
+    let mut with_key = HeaderMap::new();
+    with_key.insert("idempotency-key", HeaderValue::from_static("k-1"));
+    let mut compared = 0;
+    for caller in callers {
+        for method in ["GET", "POST", "DELETE"] {
+            for path in paths {
+                for headers in [&HeaderMap::new(), &with_key] {
+                    let a = decide(&rvm, caller, method, path, None, headers);
+                    let b = decide(&interp, caller, method, path, None, headers);
+                    assert_eq!(a, b, "{caller} {method} {path} {headers:?}");
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 288);
+}
+
+/// The policy's earlier shape puts `some` loops inside an `else` chain,
+/// which regorus 0.14.1's RVM gets wrong; the shipped tests catch it and
+/// the interpreter keeps deciding.
+#[test]
+fn policy_the_rvm_gets_wrong_falls_back_to_the_interpreter() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        root.join("tests/fixtures/else_after_some.rego"),
+        dir.path().join("authz.rego"),
+    )
+    .unwrap();
+    for name in ["authz_test.rego", "data.json"] {
+        std::fs::copy(policies_dir().join(name), dir.path().join(name)).unwrap();
+    }
+    let snap = snapshot_in(dir.path(), EvaluatorMode::Auto);
+    assert_eq!(snap.evaluator, "interpreter");
+    assert!(
+        snap.evaluator_reason.contains(
+            "the RVM disagrees with the interpreter on the input of data.portcullis.authz_test."
+        ),
+        "{}",
+        snap.evaluator_reason
+    );
+    let d = decide(
+        &snap,
+        CHECKOUT,
+        "DELETE",
+        "/v1/payments/pay_1",
+        None,
+        &HeaderMap::new(),
+    );
+    assert!(!d.allowed);
+    assert_eq!(d.http_status, Some(403), "{d:?}");
 }

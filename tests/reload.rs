@@ -60,6 +60,7 @@ fn revision_of(files: &[(&str, String)]) -> String {
         "data.portcullis.authz.allow",
         Duration::from_secs(1),
         true,
+        portcullis::policy::EvaluatorMode::Auto,
     )
     .unwrap()
     .revision

@@ -25,6 +25,7 @@ pub struct Options {
     pub query: String,
     pub eval_timeout: Duration,
     pub require_tests_pass: bool,
+    pub evaluator: super::EvaluatorMode,
     /// How often the directory is looked at; a change must also stay put
     /// for this long before it is loaded, so a burst of writes (or a
     /// `kubectl cp` of several files) is loaded once, complete.
@@ -92,6 +93,7 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
         &opts.query,
         opts.eval_timeout,
         opts.require_tests_pass,
+        opts.evaluator,
     );
     let current = targets.policy.load_full();
     match loaded {
@@ -198,10 +200,12 @@ mod tests {
             query: "data.t.allow".into(),
             eval_timeout: Duration::from_secs(1),
             require_tests_pass: true,
+            evaluator: super::super::EvaluatorMode::Auto,
             interval: Duration::from_millis(10),
         };
         let snapshot =
-            PolicySnapshot::load_checked(dir, &opts.query, opts.eval_timeout, true).unwrap();
+            PolicySnapshot::load_checked(dir, &opts.query, opts.eval_timeout, true, opts.evaluator)
+                .unwrap();
         let metrics = Arc::new(Metrics::new(&prometheus::Registry::new()).unwrap());
         let audit_dir = tempfile::tempdir().unwrap();
         let path = audit_dir.path().join("audit.log");

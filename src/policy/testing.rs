@@ -12,7 +12,7 @@ use super::{rules_by_module, Error, Sources};
 
 /// A single test must not hang the run; generous, since tests may build
 /// larger inputs than production requests.
-const TEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const TEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TestResult {
