@@ -130,6 +130,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     tracing::info!(
         spiffe_id = %identity.spiffe_id,
         policy_revision = %policy.revision,
+        policy_evaluator = policy.evaluator,
+        evaluator_reason = %policy.evaluator_reason,
         config = %config.redacted(),
         "identity and policy loaded"
     );

@@ -324,6 +324,12 @@ async fn admin_endpoints_report_state() {
         .unwrap()
         .iter()
         .any(|f| f == "authz.rego"));
+    // The shipped policy passes the RVM agreement check.
+    assert_eq!(policy["evaluator"], "rvm", "{policy}");
+    assert!(policy["evaluator_reason"]
+        .as_str()
+        .unwrap()
+        .contains("agrees with the interpreter"));
     let (status, body) = admin_get(admin, "/config").await;
     assert_eq!(status, 200);
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();

@@ -100,6 +100,8 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
         Ok(snapshot) if snapshot.revision == current.revision => Outcome::Unchanged,
         Ok(snapshot) => {
             let revision = snapshot.revision.clone();
+            let evaluator = snapshot.evaluator;
+            let evaluator_reason = snapshot.evaluator_reason.clone();
             let detail = format!(
                 "revision {} from {} ({}), replacing {}",
                 revision,
@@ -117,7 +119,12 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
             targets
                 .audit
                 .record(Event::with_detail(Kind::PolicyLoaded, detail));
-            tracing::info!(policy_revision = %revision, "policy reloaded");
+            tracing::info!(
+                policy_revision = %revision,
+                policy_evaluator = evaluator,
+                %evaluator_reason,
+                "policy reloaded"
+            );
             Outcome::Swapped { revision }
         }
         Err(e) => {
