@@ -47,6 +47,26 @@ pub struct Metrics {
     pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
+    /// The `portcullis_outbound_*` families: traffic the app sends through
+    /// `[outbound]`. Separate families, so the inbound ones keep their
+    /// names and labels.
+    pub outbound: Outbound,
+}
+
+/// Metrics of the outbound (mTLS origination) path.
+#[derive(Clone)]
+pub struct Outbound {
+    /// decision = allow | deny | unrouted | error; status = 2xx..5xx.
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    /// result = ok | wrong_server_id | untrusted_chain | bad_svid |
+    /// wrong_trust_domain | expired | protocol_error | timeout
+    pub handshakes: IntCounterVec,
+    /// kind = resolve | connect | timeout | protocol | refused | circuit_open
+    pub upstream_errors: IntCounterVec,
+    /// route = the route's host (configured, so bounded); 0 closed, 1 open,
+    /// 2 half-open.
+    pub circuit_state: IntGaugeVec,
 }
 
 impl Metrics {
@@ -141,6 +161,7 @@ impl Metrics {
                 "portcullis_upstream_circuit_state",
                 "Upstream circuit breaker: 0 closed, 1 open, 2 half-open",
             )?,
+            outbound: Outbound::new(registry)?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_duration.clone()))?;
@@ -161,18 +182,8 @@ impl Metrics {
         // Families with labels appear in the exposition only once a child
         // exists; pre-create the fixed sets so dashboards and alerts see
         // zeros rather than absent series.
-        for result in [
-            "ok",
-            "no_client_cert",
-            "untrusted_chain",
-            "bad_svid",
-            "wrong_trust_domain",
-            "expired",
-            "protocol_error",
-            "timeout",
-        ] {
-            m.tls_handshakes.with_label_values(&[result]);
-        }
+        precreate(&m.tls_handshakes, &["ok", "no_client_cert"]);
+        precreate(&m.tls_handshakes, HANDSHAKE_FAILURES);
         for limit in ["header_bytes", "body_bytes", "header_timeout"] {
             m.limits_exceeded.with_label_values(&[limit]);
         }
@@ -187,13 +198,121 @@ impl Metrics {
     }
 
     pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
-        self.requests
-            .with_label_values(&[decision, status_class(status)])
-            .inc();
-        self.request_duration
-            .with_label_values(&[decision])
-            .observe(seconds);
+        record(
+            &self.requests,
+            &self.request_duration,
+            decision,
+            status,
+            seconds,
+        );
     }
+}
+
+// === impl Outbound ===
+
+impl Outbound {
+    fn new(registry: &Registry) -> Result<Outbound, Error> {
+        let m = Outbound {
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_outbound_requests_total",
+                    "Outbound requests from the app by decision and response status class",
+                ),
+                &["decision", "status"],
+            )?,
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "portcullis_outbound_request_duration_seconds",
+                    "Outbound time from request head to response head, by decision",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["decision"],
+            )?,
+            handshakes: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_outbound_tls_handshakes_total",
+                    "mTLS handshakes originated to routed servers, by result",
+                ),
+                &["result"],
+            )?,
+            upstream_errors: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_outbound_upstream_errors_total",
+                    "Failures reaching routed servers, by kind",
+                ),
+                &["kind"],
+            )?,
+            circuit_state: IntGaugeVec::new(
+                Opts::new(
+                    "portcullis_outbound_circuit_state",
+                    "Per-route circuit breaker: 0 closed, 1 open, 2 half-open",
+                ),
+                &["route"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.request_duration.clone()))?;
+        registry.register(Box::new(m.handshakes.clone()))?;
+        registry.register(Box::new(m.upstream_errors.clone()))?;
+        registry.register(Box::new(m.circuit_state.clone()))?;
+        precreate(&m.handshakes, &["ok", "wrong_server_id"]);
+        precreate(&m.handshakes, HANDSHAKE_FAILURES);
+        precreate(
+            &m.upstream_errors,
+            &[
+                "resolve",
+                "connect",
+                "timeout",
+                "protocol",
+                "refused",
+                "circuit_open",
+            ],
+        );
+        Ok(m)
+    }
+
+    pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
+        record(
+            &self.requests,
+            &self.request_duration,
+            decision,
+            status,
+            seconds,
+        );
+    }
+}
+
+/// Handshake results both directions share (`tls::HandshakeFailure`
+/// labels, and the handshake timeout).
+const HANDSHAKE_FAILURES: &[&str] = &[
+    "untrusted_chain",
+    "bad_svid",
+    "wrong_trust_domain",
+    "expired",
+    "protocol_error",
+    "timeout",
+];
+
+/// Families with labels appear in the exposition only once a child exists;
+/// pre-creating the fixed sets lets dashboards and alerts see zeros rather
+/// than absent series.
+fn precreate(family: &IntCounterVec, values: &[&str]) {
+    for value in values {
+        family.with_label_values(&[*value]);
+    }
+}
+
+fn record(
+    requests: &IntCounterVec,
+    duration: &HistogramVec,
+    decision: &str,
+    status: u16,
+    seconds: f64,
+) {
+    requests
+        .with_label_values(&[decision, status_class(status)])
+        .inc();
+    duration.with_label_values(&[decision]).observe(seconds);
 }
 
 pub fn status_class(status: u16) -> &'static str {

@@ -84,6 +84,9 @@ pub struct PolicySnapshot {
     pub loaded_at: SystemTime,
     /// The rule whose value is the decision, e.g. `data.portcullis.authz.allow`.
     pub query: String,
+    /// The rule that decides outbound requests; `None` allows every routed
+    /// one.
+    pub egress_query: Option<String>,
     eval_timeout: Duration,
     /// Parsed, analysed and prepared once at load; each evaluation works on
     /// a clone, which shares the compiled policy and data by reference
@@ -148,18 +151,48 @@ impl PolicySnapshot {
             files: sources.files.into_iter().map(|f| f.name).collect(),
             loaded_at: SystemTime::now(),
             query: query.to_owned(),
+            egress_query: None,
             eval_timeout,
             engine,
         })
     }
 
+    /// Adds the outbound decision rule, refused like `query` when the set
+    /// does not define it, so a reload cannot silently drop it.
+    pub fn with_egress_query(mut self, egress_query: Option<&str>) -> Result<Self, Error> {
+        let Some(query) = egress_query else {
+            return Ok(self);
+        };
+        if !rules_by_module(&mut self.engine)
+            .iter()
+            .any(|r| r.path == query)
+        {
+            return Err(Error::UnknownQuery {
+                query: query.to_owned(),
+            });
+        }
+        self.egress_query = Some(query.to_owned());
+        Ok(self)
+    }
+
     /// Decides one request. Errors (including timeouts) are the caller's to
     /// turn into a deny: this layer never guesses a decision.
     pub fn evaluate(&self, input: Value) -> Result<Decision, Error> {
+        self.evaluate_rule(&self.query, input)
+    }
+
+    /// Decides one outbound request with `egress_query`; `None` when none
+    /// is configured (every routed request is allowed).
+    pub fn evaluate_egress(&self, input: Value) -> Option<Result<Decision, Error>> {
+        let query = self.egress_query.as_deref()?;
+        Some(self.evaluate_rule(query, input))
+    }
+
+    fn evaluate_rule(&self, query: &str, input: Value) -> Result<Decision, Error> {
         let mut engine = self.engine.clone();
         engine.set_input(input);
         let value = engine
-            .eval_rule(self.query.clone())
+            .eval_rule(query.to_owned())
             .map_err(|e| eval_error(e, self.eval_timeout))?;
         Decision::from_value(&value)
     }

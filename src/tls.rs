@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::identity::{SpiffeId, SpiffeIdError};
 
-pub use verifier::{verify_svid, SvidClientVerifier, SvidError, SvidUsage};
+pub use verifier::{verify_svid, SvidClientVerifier, SvidError, SvidServerVerifier, SvidUsage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -262,6 +262,32 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The sidecar's outbound TLS config: presents the own SVID and accepts a
+/// server only with a valid X.509-SVID from the bundle of its own trust
+/// domain; which SPIFFE ID is acceptable is the route's to check.
+pub fn origination_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    bundles: Arc<TrustBundles>,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    keys_match(&chain, &key)?;
+    if bundles.is_empty() {
+        return Err(Error::NoAnchors);
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SvidServerVerifier::new(bundles)))
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // A resumed session re-verifies neither side's certificate: the server
+    // would keep seeing a rotated-out SVID, and a route would trust a
+    // ticket instead of a chain. Every connection does a full handshake;
+    // pooling keeps that rare.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 /// A client config presenting `chain` and verifying servers by name against
 /// every anchor in `bundles` (used by the demo and integration tests).
 pub fn client_config(
@@ -301,7 +327,18 @@ pub struct PeerIdentity {
 
 /// Only meaningful after a successful handshake through [`SvidClientVerifier`].
 pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<PeerIdentity> {
-    let leaf = conn.peer_certificates()?.first()?;
+    leaf_identity(conn.peer_certificates()?)
+}
+
+/// The verified identity of the server of an established outbound
+/// connection; only meaningful after a handshake through
+/// [`SvidServerVerifier`].
+pub fn server_identity(conn: &rustls::ClientConnection) -> Option<PeerIdentity> {
+    leaf_identity(conn.peer_certificates()?)
+}
+
+fn leaf_identity(chain: &[CertificateDer<'_>]) -> Option<PeerIdentity> {
+    let leaf = chain.first()?;
     Some(PeerIdentity {
         spiffe_id: verifier::leaf_spiffe_id(leaf)?,
         leaf_sha256: hex::encode(Sha256::digest(leaf.as_ref())),

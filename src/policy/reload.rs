@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 pub struct Options {
     pub dir: PathBuf,
     pub query: String,
+    pub egress_query: Option<String>,
     pub eval_timeout: Duration,
     pub require_tests_pass: bool,
     /// How often the directory is looked at; a change must also stay put
@@ -92,7 +93,8 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
         &opts.query,
         opts.eval_timeout,
         opts.require_tests_pass,
-    );
+    )
+    .and_then(|s| s.with_egress_query(opts.egress_query.as_deref()));
     let current = targets.policy.load_full();
     match loaded {
         Ok(snapshot) if snapshot.revision == current.revision => Outcome::Unchanged,
@@ -196,6 +198,7 @@ mod tests {
         let opts = Options {
             dir: dir.to_owned(),
             query: "data.t.allow".into(),
+            egress_query: None,
             eval_timeout: Duration::from_secs(1),
             require_tests_pass: true,
             interval: Duration::from_millis(10),

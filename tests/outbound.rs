@@ -1,0 +1,510 @@
+//! Outbound mTLS origination, end to end: sidecar A (the checkout
+//! workload) originates mTLS from its loopback `[outbound]` listener to
+//! sidecar B (payments), whose inbound side forwards to a real service
+//! that records what it receives. Real certificates, real TLS, all on
+//! 127.0.0.1 port 0.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis::app::{self, Running};
+use portcullis::certs::LeafSpec;
+use portcullis::config::{Config, Outbound, OutboundRoute};
+
+/// The host the checkout app calls the payments service by.
+const PAYMENTS_HOST: &str = "payments.pay.svc";
+const LEDGER: &str = "spiffe://pay.example/ns/ledger/sa/ledger";
+
+/// Sidecar A: the caller, with its own SVID from B's CA.
+struct Caller {
+    running: Option<Running>,
+    _dir: tempfile::TempDir,
+    cert: PathBuf,
+    key: PathBuf,
+    audit_path: PathBuf,
+}
+
+fn route(host: &str, address: SocketAddr, server_id: &str) -> OutboundRoute {
+    OutboundRoute {
+        host: host.into(),
+        address: address.to_string(),
+        server_id: Some(server_id.into()),
+        ..OutboundRoute::default()
+    }
+}
+
+impl Caller {
+    /// Starts A with `routes` and the policy in `policy_dir`.
+    async fn start(
+        b: &Harness,
+        policy_dir: &Path,
+        routes: Vec<OutboundRoute>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Caller {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("checkout.pem");
+        let key = dir.path().join("checkout.key");
+        write_svid(b, &cert, &key);
+        // A's own inbound side is not exercised; its upstream is B's
+        // service only because it must name some loopback address.
+        let mut config = b.pki.config(policy_dir, b.service.addr);
+        config.identity.cert = cert.clone();
+        config.identity.key = key.clone();
+        config.identity.watch_interval_ms = 20;
+        config.policy.reload_interval_ms = 0;
+        config.audit.path = dir.path().join("audit.log").display().to_string();
+        config.outbound = Some(Outbound {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            routes,
+            ..Outbound::default()
+        });
+        tweak(&mut config);
+        let audit_path = PathBuf::from(&config.audit.path);
+        let running = app::start(config).await.unwrap();
+        Caller {
+            running: Some(running),
+            _dir: dir,
+            cert,
+            key,
+            audit_path,
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    fn outbound(&self) -> SocketAddr {
+        self.running().outbound_addr.unwrap()
+    }
+
+    async fn scrape(&self) -> String {
+        admin_get(self.running().admin_addr, "/metrics").await.1
+    }
+
+    /// One HTTP/1.1 request from the app to the outbound listener.
+    async fn get(&self, host: &str, path: &str) -> (u16, http::HeaderMap, serde_json::Value) {
+        send_h1(self.outbound(), "GET", host, path).await
+    }
+
+    /// Stops A, checks its audit chain, and every outbound line against the
+    /// schema.
+    async fn stop(&mut self) -> Vec<serde_json::Value> {
+        assert!(self.running.take().unwrap().shutdown().await);
+        let text = std::fs::read_to_string(&self.audit_path).unwrap();
+        portcullis::audit::verify(&text).unwrap();
+        let validator = schema();
+        text.lines()
+            .map(|l| {
+                let event: serde_json::Value = serde_json::from_str(l).unwrap();
+                // Only the lines this feature writes: `svid_rotated` lines
+                // predate it and do not carry the `svid` the schema asks for.
+                let outbound = event.get("direction").is_some();
+                if outbound {
+                    if let Err(e) = validator.validate(&event) {
+                        panic!("audit line does not match the schema: {e}\n{l}");
+                    }
+                }
+                event
+            })
+            .collect()
+    }
+}
+
+/// Issues A a fresh checkout SVID (a new key and serial each time).
+fn write_svid(b: &Harness, cert: &Path, key: &Path) -> String {
+    use sha2::Digest;
+    let issued = b.pki.ca.issue(&LeafSpec::svid(CHECKOUT)).unwrap();
+    // Key first, each file replaced whole: the watcher never loads a cert
+    // whose key is not there yet for long.
+    replace(key, &issued.key_pem);
+    replace(cert, &issued.cert_pem);
+    hex::encode(sha2::Sha256::digest(issued.cert_der.as_ref()))
+}
+
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn send_h1(
+    addr: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+) -> (u16, http::HeaderMap, serde_json::Value) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .header("idempotency-key", "k-1")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    read(sender.send_request(req).await.unwrap()).await
+}
+
+async fn read(
+    resp: http::Response<hyper::body::Incoming>,
+) -> (u16, http::HeaderMap, serde_json::Value) {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    (parts.status.as_u16(), parts.headers, json)
+}
+
+/// B, and A with one route to it by [`PAYMENTS_HOST`].
+async fn payments_pair() -> (Harness, Caller) {
+    let b = Harness::start().await;
+    let a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![route(PAYMENTS_HOST, b.running().inbound_addr, SIDECAR)],
+        |_| {},
+    )
+    .await;
+    (b, a)
+}
+
+fn hash_in(xfcc: &str) -> &str {
+    xfcc.split(';')
+        .find_map(|part| part.strip_prefix("Hash="))
+        .unwrap()
+}
+
+fn of_kind<'a>(events: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    events.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+#[tokio::test]
+async fn request_reaches_the_server_app_with_the_callers_identity() {
+    let (mut b, mut a) = payments_pair().await;
+    let a_hash = {
+        use sha2::Digest;
+        let pem = std::fs::read(&a.cert).unwrap();
+        let der = rustls_pemfile::certs(&mut pem.as_slice())
+            .next()
+            .unwrap()
+            .unwrap();
+        hex::encode(sha2::Sha256::digest(der.as_ref()))
+    };
+
+    let (status, headers, body) = a.get("Payments.Pay.Svc:15001", "/v1/payments/42?x=1").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["caller"], CHECKOUT);
+    assert!(headers.contains_key("x-request-id"));
+    let got = b.service.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].uri, "/v1/payments/42?x=1");
+    assert_eq!(got[0].headers["x-spiffe-id"], CHECKOUT);
+    let xfcc = got[0].headers["x-forwarded-client-cert"].to_str().unwrap();
+    assert_eq!(
+        xfcc,
+        format!("By={SIDECAR};Hash={a_hash};URI={CHECKOUT}").as_str()
+    );
+
+    let metrics = a.scrape().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_outbound_requests_total{decision="allow",status="2xx"}"#
+        ),
+        1.0
+    );
+    // B is TLS on its inbound side too; it was verified as B, not trusted.
+    let events = a.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 1);
+    let r = reqs[0];
+    assert_eq!(r["direction"], "outbound");
+    assert_eq!(r["source"]["spiffe_id"], CHECKOUT);
+    assert_eq!(r["destination"]["host"], PAYMENTS_HOST);
+    assert_eq!(r["destination"]["spiffe_id"], SIDECAR);
+    assert_eq!(r["destination"]["expected"], SIDECAR);
+    assert_eq!(r["response"]["status"], 200);
+    assert_eq!(r["request"]["path"], "/v1/payments/42?x=1");
+    // B's own trail records the same call as an inbound request from A.
+    let b_events = b.stop().await;
+    let b_reqs = requests(&b_events);
+    assert_eq!(b_reqs.len(), 1);
+    assert_eq!(b_reqs[0]["source"]["spiffe_id"], CHECKOUT);
+    assert!(b_reqs[0].get("direction").is_none());
+}
+
+#[tokio::test]
+async fn a_server_with_the_wrong_spiffe_id_is_refused() {
+    let mut b = Harness::start().await;
+    // The route says the ledger answers; B is the payments service.
+    let mut a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![route("ledger.pay.svc", b.running().inbound_addr, LEDGER)],
+        |_| {},
+    )
+    .await;
+    let (status, _, body) = a.get("ledger.pay.svc", "/v1/payments/1").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "egress_refused");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(SIDECAR) && reason.contains(LEDGER),
+        "{reason}"
+    );
+    assert!(b.service.received().is_empty());
+    let metrics = a.scrape().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_outbound_tls_handshakes_total{result="wrong_server_id"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_outbound_tls_handshakes_total{result="ok"}"#
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_outbound_requests_total{decision="refused",status="5xx"}"#
+        ),
+        1.0
+    );
+
+    let events = a.stop().await;
+    let refused = of_kind(&events, "egress_refused");
+    assert_eq!(refused.len(), 1, "{events:?}");
+    assert_eq!(refused[0]["direction"], "outbound");
+    assert_eq!(refused[0]["destination"]["spiffe_id"], SIDECAR);
+    assert_eq!(refused[0]["destination"]["expected"], LEDGER);
+    assert!(refused[0]["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("wrong_server_id"));
+    let reqs = requests(&events);
+    assert_eq!(reqs[0]["decision"]["allowed"], false);
+    assert_eq!(reqs[0]["response"]["status"], 502);
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_unrouted_host_gets_502_naming_it_and_nothing_leaves() {
+    let (mut b, mut a) = payments_pair().await;
+    let (status, _, body) = a.get("bank.example.com", "/transfer").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "unrouted");
+    assert_eq!(body["host"], "bank.example.com");
+    assert!(body["reason"]
+        .as_str()
+        .unwrap()
+        .contains("bank.example.com"));
+
+    // No connection was attempted anywhere: A never handshook, B never
+    // saw a handshake of any result.
+    let a_metrics = a.scrape().await;
+    let b_metrics = b.scrape().await;
+    for (metrics, family) in [
+        (&a_metrics, "portcullis_outbound_tls_handshakes_total{"),
+        (&b_metrics, "portcullis_tls_handshakes_total{"),
+    ] {
+        let total: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with(family))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(total, 0.0, "{family}");
+    }
+    assert_eq!(
+        sample(
+            &a_metrics,
+            r#"portcullis_outbound_requests_total{decision="unrouted",status="5xx"}"#
+        ),
+        1.0
+    );
+    let events = a.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs[0]["direction"], "outbound");
+    assert_eq!(reqs[0]["response"]["status"], 502);
+    assert!(reqs[0].get("destination").is_none());
+    b.stop().await;
+}
+
+/// The shipped policy plus an egress rule: checkout may only GET payment
+/// resources from the payments service, by that host.
+fn egress_policy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    portcullis::demo::write_shipped_policy(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("egress.rego"),
+        r#"package portcullis.egress
+import rego.v1
+
+default allow := {"allowed": false, "http_status": 403, "reason": "no egress grant"}
+
+allow := {"allowed": true, "reason": "checkout may read payments"} if {
+	input.attributes.source.principal == "spiffe://pay.example/ns/shop/sa/checkout"
+	input.attributes.destination.principal == "spiffe://pay.example/ns/pay/sa/payments"
+	input.attributes.request.http.host == "payments.pay.svc"
+	input.attributes.request.http.method == "GET"
+	input.parsed_path[0] == "v1"
+}
+"#,
+    )
+    .unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn an_egress_policy_deny_gets_403_and_nothing_leaves() {
+    let mut b = Harness::start().await;
+    let policy = egress_policy();
+    let mut a = Caller::start(
+        &b,
+        policy.path(),
+        vec![route(PAYMENTS_HOST, b.running().inbound_addr, SIDECAR)],
+        |c| c.policy.egress_query = Some("data.portcullis.egress.allow".into()),
+    )
+    .await;
+    let (status, _, body) = send_h1(a.outbound(), "POST", PAYMENTS_HOST, "/v1/payments").await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["reason"], "no egress grant");
+    assert!(b.service.received().is_empty());
+    let b_metrics = b.scrape().await;
+    assert_eq!(
+        sample(
+            &b_metrics,
+            r#"portcullis_tls_handshakes_total{result="ok"}"#
+        ),
+        0.0,
+        "a denied request must not even open a connection"
+    );
+
+    let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/9").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(b.service.received().len(), 1);
+
+    let events = a.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[0]["decision"]["allowed"], false);
+    assert_eq!(reqs[0]["response"]["status"], 403);
+    assert_eq!(reqs[1]["decision"]["reason"], "checkout may read payments");
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_egress_query_refuses_to_start() {
+    let b = Harness::start().await;
+    let mut config = b.pki.config(&shipped_policy(), b.service.addr);
+    config.policy.egress_query = Some("data.portcullis.egress.allow".into());
+    let err = app::start(config).await.err().unwrap().to_string();
+    assert!(err.contains("data.portcullis.egress.allow"), "{err}");
+}
+
+#[tokio::test]
+async fn rotation_of_the_callers_svid_shows_on_new_connections() {
+    let mut b = Harness::start().await;
+    let inbound = b.running().inbound_addr;
+    // Two routes to the same server: two pools, so the second route's
+    // first request is certain to open a new connection after rotation.
+    let mut a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![
+            route(PAYMENTS_HOST, inbound, SIDECAR),
+            route("payments-2.pay.svc", inbound, SIDECAR),
+        ],
+        |_| {},
+    )
+    .await;
+    let xfcc_hash = |i: usize| {
+        let got = b.service.received();
+        hash_in(got[i].headers["x-forwarded-client-cert"].to_str().unwrap()).to_owned()
+    };
+    assert_eq!(a.get(PAYMENTS_HOST, "/v1/payments/1").await.0, 200);
+    let before = xfcc_hash(0);
+
+    let old_serial = a.running().identity.load().serial.clone();
+    let new_hash = write_svid(&b, &a.cert, &a.key);
+    assert_ne!(new_hash, before);
+    let identity = a.running().identity.clone();
+    eventually("A to load its rotated SVID", || {
+        identity.load().serial != old_serial
+    })
+    .await;
+
+    assert_eq!(a.get("payments-2.pay.svc", "/v1/payments/2").await.0, 200);
+    assert_eq!(
+        xfcc_hash(1),
+        new_hash,
+        "a new connection presents the new SVID"
+    );
+    assert_eq!(b.service.received()[1].headers["x-spiffe-id"], CHECKOUT);
+    // The pooled connection of the first route keeps the SVID it was
+    // opened with, as a handshake in flight keeps its snapshot.
+    assert_eq!(a.get(PAYMENTS_HOST, "/v1/payments/3").await.0, 200);
+    assert_eq!(xfcc_hash(2), before);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_from_the_app_works() {
+    let (mut b, mut a) = payments_pair().await;
+    let tcp = tokio::net::TcpStream::connect(a.outbound()).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    for i in 0..3 {
+        let req = http::Request::get(format!("http://{PAYMENTS_HOST}/v1/payments/{i}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let (status, _, body) = read(sender.send_request(req).await.unwrap()).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["caller"], CHECKOUT);
+    }
+    assert_eq!(b.service.received().len(), 3);
+    let events = a.stop().await;
+    assert!(requests(&events)
+        .iter()
+        .all(|r| r["destination"]["host"] == PAYMENTS_HOST));
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn many_requests_share_one_pooled_connection() {
+    let (mut b, mut a) = payments_pair().await;
+    for i in 0..20 {
+        let (status, _, body) = a.get(PAYMENTS_HOST, &format!("/v1/payments/{i}")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(b.service.received().len(), 20);
+    let ok = r#"portcullis_outbound_tls_handshakes_total{result="ok"}"#;
+    assert_eq!(sample(&a.scrape().await, ok), 1.0);
+    assert_eq!(
+        sample(
+            &b.scrape().await,
+            r#"portcullis_tls_handshakes_total{result="ok"}"#
+        ),
+        1.0,
+        "B saw one handshake for twenty requests"
+    );
+    a.stop().await;
+    b.stop().await;
+}
