@@ -958,6 +958,16 @@ mod tests {
     }
 
     #[test]
+    fn outbound_example_config_parses() {
+        let c = parse(include_str!("../portcullis.outbound.example.toml")).unwrap();
+        let o = c.outbound.unwrap();
+        let specs =
+            crate::outbound::route::parse_all(&o.routes, Some(&["pay.example", "bank.example"]))
+                .unwrap();
+        assert_eq!(specs.len(), 3);
+    }
+
+    #[test]
     fn outbound_listen_must_be_loopback() {
         let mut c = Config::default();
         c.set("outbound.listen", "0.0.0.0:15001", "test").unwrap();
