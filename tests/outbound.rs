@@ -508,3 +508,189 @@ async fn many_requests_share_one_pooled_connection() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A TLS server presenting `server` that completes handshakes (requiring a
+/// client SVID of B's trust domain) and then never answers, holding each
+/// connection open until the test ends.
+async fn silent_server(b: &Harness, server: &portcullis::certs::Issued) -> SocketAddr {
+    let bundles = std::sync::Arc::new(b.pki.bundles.clone());
+    let config = portcullis::tls::server_config(server.chain(), server.key_der(), bundles).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                held.push(tls);
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_server_chain_from_an_untrusted_ca_is_refused() {
+    let b = Harness::start().await;
+    let rogue = portcullis::certs::DevCa::new(TD).unwrap();
+    // The right SPIFFE ID, from a CA that is not in the bundle.
+    let impostor = rogue.issue(&LeafSpec::svid(SIDECAR)).unwrap();
+    let addr = silent_server(&b, &impostor).await;
+    let mut a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![route(PAYMENTS_HOST, addr, SIDECAR)],
+        |_| {},
+    )
+    .await;
+    let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/1").await;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(body["error"], "egress_refused");
+    assert_eq!(
+        sample(
+            &a.scrape().await,
+            r#"portcullis_outbound_tls_handshakes_total{result="untrusted_chain"}"#
+        ),
+        1.0
+    );
+    let events = a.stop().await;
+    let refused = of_kind(&events, "egress_refused");
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0]["destination"]["spiffe_id"], SIDECAR);
+    assert!(refused[0]["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("untrusted_chain"));
+}
+
+#[tokio::test]
+async fn a_server_that_does_not_answer_in_time_gets_504() {
+    let b = Harness::start().await;
+    let mut spec = LeafSpec::svid(SIDECAR);
+    spec.dns.push("localhost".into());
+    let server = b.pki.ca.issue(&spec).unwrap();
+    let addr = silent_server(&b, &server).await;
+    let mut a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![route(PAYMENTS_HOST, addr, SIDECAR)],
+        |c| {
+            if let Some(o) = c.outbound.as_mut() {
+                o.request_timeout_ms = 200;
+            }
+        },
+    )
+    .await;
+    let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/1").await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"], "upstream_timeout");
+    assert_eq!(
+        sample(
+            &a.scrape().await,
+            r#"portcullis_outbound_upstream_errors_total{kind="timeout"}"#
+        ),
+        1.0
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_route_opens_its_circuit() {
+    let b = Harness::start().await;
+    // A port nothing listens on any more.
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let mut a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![route(PAYMENTS_HOST, closed, SIDECAR)],
+        |c| {
+            if let Some(o) = c.outbound.as_mut() {
+                o.breaker_failures = 2;
+                o.breaker_cooldown_ms = 60_000;
+            }
+        },
+    )
+    .await;
+    for _ in 0..2 {
+        let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/1").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"], "upstream_unavailable");
+    }
+    let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/1").await;
+    assert_eq!(status, 503);
+    assert!(
+        body["reason"].as_str().unwrap().contains("circuit"),
+        "{body}"
+    );
+    let metrics = a.scrape().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_outbound_upstream_errors_total{kind="connect"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_outbound_circuit_state{route="payments.pay.svc"}"#
+        ),
+        1.0
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn prefix_and_trust_domain_routes_accept_matching_servers() {
+    let mut b = Harness::start().await;
+    let inbound = b.running().inbound_addr;
+    let by_prefix = OutboundRoute {
+        host: "pay-prefix.svc".into(),
+        address: inbound.to_string(),
+        server_id_prefix: Some("spiffe://pay.example/ns/pay/".into()),
+        ..OutboundRoute::default()
+    };
+    let by_domain = OutboundRoute {
+        host: "pay-domain.svc".into(),
+        address: format!("localhost:{}", inbound.port()),
+        server_trust_domain: Some(TD.into()),
+        ..OutboundRoute::default()
+    };
+    let wrong_prefix = OutboundRoute {
+        host: "ledger-prefix.svc".into(),
+        address: inbound.to_string(),
+        server_id_prefix: Some("spiffe://pay.example/ns/ledger/".into()),
+        ..OutboundRoute::default()
+    };
+    let mut a = Caller::start(
+        &b,
+        &shipped_policy(),
+        vec![by_prefix, by_domain, wrong_prefix],
+        |_| {},
+    )
+    .await;
+    assert_eq!(a.get("pay-prefix.svc", "/v1/payments/1").await.0, 200);
+    // Resolved by name, per connection.
+    assert_eq!(a.get("pay-domain.svc", "/v1/payments/2").await.0, 200);
+    let (status, _, body) = a.get("ledger-prefix.svc", "/v1/payments/3").await;
+    assert_eq!(status, 502);
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("an ID under spiffe://pay.example/ns/ledger/"),
+        "{body}"
+    );
+    assert_eq!(b.service.received().len(), 2);
+    let events = a.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs[0]["destination"]["spiffe_id"], SIDECAR);
+    assert_eq!(
+        reqs[1]["destination"]["expected"],
+        "an ID in trust domain pay.example"
+    );
+    b.stop().await;
+}
