@@ -563,6 +563,74 @@ mod tests {
         assert!(msg.contains("2 URI SANs"), "{msg}");
     }
 
+    /// Originates one connection to a server presenting `server`; returns
+    /// the server identity, or how the client refused it.
+    async fn originate(
+        p: &Pki,
+        server: &Issued,
+    ) -> Result<PeerIdentity, (HandshakeFailure, String)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(server.chain(), server.key_der(), p.bundles.clone()).unwrap();
+        tokio::spawn(serve_once(listener, config));
+        let own =
+            p.ca.issue(&LeafSpec::svid("spiffe://pay.example/ns/shop/sa/checkout"))
+                .unwrap();
+        let client = origination_config(own.chain(), own.key_der(), p.bundles.clone()).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // Deliberately a name the certificate does not carry: SVIDs are
+        // verified by SPIFFE ID, never by DNS name.
+        let name = ServerName::try_from("not-in-the-cert.example").unwrap();
+        match tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+        {
+            Ok(tls) => Ok(server_identity(tls.get_ref().1).unwrap()),
+            Err(e) => Err(classify_handshake_error(&e)),
+        }
+    }
+
+    #[tokio::test]
+    async fn origination_verifies_the_server_svid_by_id_for_server_auth() {
+        let p = pki();
+        let ok = originate(&p, &p.server).await.unwrap();
+        assert_eq!(
+            ok.spiffe_id.as_str(),
+            "spiffe://pay.example/ns/pay/sa/payments"
+        );
+
+        let mut client_only = LeafSpec::svid("spiffe://pay.example/ns/pay/sa/payments");
+        client_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let server = p.ca.issue(&client_only).unwrap();
+        let (failure, msg) = originate(&p, &server).await.unwrap_err();
+        assert_eq!(failure, HandshakeFailure::BadSvid, "{msg}");
+        assert!(msg.contains("serverAuth"), "{msg}");
+
+        let mut two_ids = LeafSpec::svid("spiffe://pay.example/ns/pay/sa/payments");
+        two_ids
+            .uris
+            .push("spiffe://pay.example/ns/ledger/sa/ledger".into());
+        let server = p.ca.issue(&two_ids).unwrap();
+        let (failure, msg) = originate(&p, &server).await.unwrap_err();
+        assert_eq!(failure, HandshakeFailure::BadSvid, "{msg}");
+    }
+
+    #[test]
+    fn origination_offers_h2_and_never_resumes() {
+        let p = pki();
+        let cfg = origination_config(p.server.chain(), p.server.key_der(), p.bundles).unwrap();
+        assert_eq!(
+            cfg.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        // rustls keeps these fields private; its Debug output shows them.
+        let resumption = format!("{:?}", cfg.resumption);
+        assert!(
+            resumption.contains("NoClientSessionStorage") && resumption.contains("Disabled"),
+            "{resumption}"
+        );
+    }
+
     #[test]
     fn classify_non_tls_io_error_is_protocol() {
         let err = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "tls handshake eof");
