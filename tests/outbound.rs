@@ -76,6 +76,13 @@ impl Caller {
         }
     }
 
+    /// A with the shipped policy and one route by [`PAYMENTS_HOST`] to
+    /// `addr`, which must answer as the payments service.
+    async fn payments_at(b: &Harness, addr: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Caller {
+        let routes = vec![route(PAYMENTS_HOST, addr, SIDECAR)];
+        Caller::start(b, &shipped_policy(), routes, tweak).await
+    }
+
     fn running(&self) -> &Running {
         self.running.as_ref().unwrap()
     }
@@ -167,13 +174,7 @@ async fn read(
 /// B, and A with one route to it by [`PAYMENTS_HOST`].
 async fn payments_pair() -> (Harness, Caller) {
     let b = Harness::start().await;
-    let a = Caller::start(
-        &b,
-        &shipped_policy(),
-        vec![route(PAYMENTS_HOST, b.running().inbound_addr, SIDECAR)],
-        |_| {},
-    )
-    .await;
+    let a = Caller::payments_at(&b, b.running().inbound_addr, |_| {}).await;
     (b, a)
 }
 
@@ -509,12 +510,21 @@ async fn many_requests_share_one_pooled_connection() {
     b.stop().await;
 }
 
+/// A server-side TLS config presenting `server`, requiring a client SVID of
+/// B's trust domain.
+fn server_tls(
+    b: &Harness,
+    server: &portcullis::certs::Issued,
+) -> std::sync::Arc<rustls::ServerConfig> {
+    let bundles = std::sync::Arc::new(b.pki.bundles.clone());
+    portcullis::tls::server_config(server.chain(), server.key_der(), bundles).unwrap()
+}
+
 /// A TLS server presenting `server` that completes handshakes (requiring a
 /// client SVID of B's trust domain) and then never answers, holding each
 /// connection open until the test ends.
 async fn silent_server(b: &Harness, server: &portcullis::certs::Issued) -> SocketAddr {
-    let bundles = std::sync::Arc::new(b.pki.bundles.clone());
-    let config = portcullis::tls::server_config(server.chain(), server.key_der(), bundles).unwrap();
+    let config = server_tls(b, server);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -536,13 +546,7 @@ async fn a_server_chain_from_an_untrusted_ca_is_refused() {
     // The right SPIFFE ID, from a CA that is not in the bundle.
     let impostor = rogue.issue(&LeafSpec::svid(SIDECAR)).unwrap();
     let addr = silent_server(&b, &impostor).await;
-    let mut a = Caller::start(
-        &b,
-        &shipped_policy(),
-        vec![route(PAYMENTS_HOST, addr, SIDECAR)],
-        |_| {},
-    )
-    .await;
+    let mut a = Caller::payments_at(&b, addr, |_| {}).await;
     let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/1").await;
     assert_eq!(status, 502, "{body}");
     assert_eq!(body["error"], "egress_refused");
@@ -566,20 +570,14 @@ async fn a_server_chain_from_an_untrusted_ca_is_refused() {
 #[tokio::test]
 async fn a_server_that_does_not_answer_in_time_gets_504() {
     let b = Harness::start().await;
-    let mut spec = LeafSpec::svid(SIDECAR);
-    spec.dns.push("localhost".into());
-    let server = b.pki.ca.issue(&spec).unwrap();
+    // No DNS name: servers are verified by SPIFFE ID alone.
+    let server = b.pki.ca.issue(&LeafSpec::svid(SIDECAR)).unwrap();
     let addr = silent_server(&b, &server).await;
-    let mut a = Caller::start(
-        &b,
-        &shipped_policy(),
-        vec![route(PAYMENTS_HOST, addr, SIDECAR)],
-        |c| {
-            if let Some(o) = c.outbound.as_mut() {
-                o.request_timeout_ms = 200;
-            }
-        },
-    )
+    let mut a = Caller::payments_at(&b, addr, |c| {
+        if let Some(o) = c.outbound.as_mut() {
+            o.request_timeout_ms = 200;
+        }
+    })
     .await;
     let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/1").await;
     assert_eq!(status, 504, "{body}");
@@ -693,4 +691,61 @@ async fn prefix_and_trust_domain_routes_accept_matching_servers() {
         "an ID in trust domain pay.example"
     );
     b.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_outbound_request_in_flight_finish() {
+    use std::sync::Arc;
+    let b = Harness::start().await;
+    // No DNS name: servers are verified by SPIFFE ID alone.
+    let server = b.pki.ca.issue(&LeafSpec::svid(SIDECAR)).unwrap();
+    let config = server_tls(&b, &server);
+    // A server that answers only when the test says so.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived_rx) = tokio::sync::oneshot::channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let arrived = std::sync::Mutex::new(Some(arrived_tx));
+        let service = hyper::service::service_fn(move |_req| {
+            if let Some(tx) = arrived.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            let gate = gate.clone();
+            async move {
+                gate.notified().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"{\"late\":true}"),
+                )))
+            }
+        });
+        let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    });
+    let mut a = Caller::payments_at(&b, addr, |_| {}).await;
+    let outbound = a.outbound();
+    let in_flight = tokio::spawn(send_h1(outbound, "GET", PAYMENTS_HOST, "/slow"));
+    arrived_rx.await.unwrap();
+
+    let running = a.running.take().unwrap();
+    let shutdown = tokio::spawn(running.shutdown());
+    // Draining has begun once the listener stops accepting.
+    eventually_async(
+        std::time::Duration::from_secs(5),
+        "the outbound listener to close",
+        || async { tokio::net::TcpStream::connect(outbound).await.is_err() },
+    )
+    .await;
+    release.notify_one();
+    let (status, _, body) = in_flight.await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["late"], true);
+    assert!(shutdown.await.unwrap(), "drained in time");
 }
