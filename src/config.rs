@@ -113,6 +113,11 @@ pub struct Outbound {
     pub breaker_cooldown_ms: u64,
     /// How long an unused pooled connection to a route is kept.
     pub idle_timeout_ms: u64,
+    /// Connections from the app held open at once; more are closed at
+    /// accept.
+    pub max_connections: usize,
+    /// An HTTP/1.1 request head not complete by then closes the connection.
+    pub header_read_timeout_ms: u64,
     /// `[[outbound.route]]`.
     #[serde(rename = "route")]
     pub routes: Vec<OutboundRoute>,
@@ -127,6 +132,8 @@ impl Default for Outbound {
             breaker_failures: 5,
             breaker_cooldown_ms: 5_000,
             idle_timeout_ms: 30_000,
+            max_connections: 1_024,
+            header_read_timeout_ms: 10_000,
             routes: Vec::new(),
         }
     }
@@ -577,6 +584,11 @@ impl Config {
         for (key, value) in [
             ("outbound.connect_timeout_ms", outbound.connect_timeout_ms),
             ("outbound.request_timeout_ms", outbound.request_timeout_ms),
+            (
+                "outbound.header_read_timeout_ms",
+                outbound.header_read_timeout_ms,
+            ),
+            ("outbound.max_connections", outbound.max_connections as u64),
         ] {
             if value == 0 {
                 return Err(Error::Invalid {

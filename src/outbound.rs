@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 
 use self::connector::{ConnectError, Connector, ServerPeer};
 use self::route::RouteSpec;
@@ -44,6 +45,8 @@ use crate::proxy::{self, error_response, json_response, path, Body};
 pub struct Outbound {
     routes: HashMap<String, Route>,
     request_timeout: Duration,
+    max_connections: usize,
+    header_read_timeout: Duration,
     identity: Arc<ArcSwap<IdentitySnapshot>>,
     policy: Arc<ArcSwap<PolicySnapshot>>,
     metrics: Arc<Metrics>,
@@ -109,6 +112,8 @@ impl Outbound {
         Ok(Outbound {
             routes,
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            max_connections: cfg.max_connections,
+            header_read_timeout: Duration::from_millis(cfg.header_read_timeout_ms),
             identity: deps.identity,
             policy: deps.policy,
             metrics: deps.metrics,
@@ -121,6 +126,9 @@ impl Outbound {
 /// loopback (config validation refuses anything else), so the caller is
 /// the pod itself and is not authenticated further.
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, drain: drain::Watch) {
+    // Still bounded: a looping or leaking app must not exhaust the
+    // sidecar's file descriptors, which inbound traffic needs too.
+    let slots = Arc::new(Semaphore::new(outbound.max_connections));
     loop {
         let accepted = tokio::select! {
             _ = drain.signaled() => break,
@@ -128,12 +136,15 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>, drain: drain:
         };
         match accepted {
             Ok((tcp, peer)) => {
-                tokio::spawn(handle_connection(
-                    tcp,
-                    peer,
-                    outbound.clone(),
-                    drain.clone(),
-                ));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!(peer = %peer, "outbound connection limit reached, closing connection");
+                    continue;
+                };
+                let (outbound, drain) = (outbound.clone(), drain.clone());
+                tokio::spawn(async move {
+                    handle_connection(tcp, peer, outbound, drain).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // Usually EMFILE: back off briefly instead of spinning.
@@ -151,12 +162,17 @@ async fn handle_connection(
     drain: drain::Watch,
 ) {
     let _ = tcp.set_nodelay(true);
+    let header_read_timeout = outbound.header_read_timeout;
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let outbound = outbound.clone();
         async move { Ok::<_, Infallible>(handle_request(req, peer, &outbound).await) }
     });
     // `auto` tells HTTP/1.1 from the HTTP/2 prior-knowledge preface.
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
     let conn = builder.serve_connection(TokioIo::new(tcp), service);
     tokio::pin!(conn);
     let result = tokio::select! {
