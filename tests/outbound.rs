@@ -749,3 +749,61 @@ async fn shutdown_lets_an_outbound_request_in_flight_finish() {
     assert_eq!(body["late"], true);
     assert!(shutdown.await.unwrap(), "drained in time");
 }
+
+#[tokio::test]
+async fn a_server_without_h2_is_spoken_to_in_http11() {
+    let b = Harness::start().await;
+    let server = b.pki.ca.issue(&LeafSpec::svid(SIDECAR)).unwrap();
+    let mut config = (*server_tls(&b, &server)).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = std::sync::Arc::new(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Echoes what arrived: version, request target, Host.
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(tls) = tokio_rustls::TlsAcceptor::from(config.clone())
+                .accept(tcp)
+                .await
+            else {
+                continue;
+            };
+            let service = hyper::service::service_fn(|req: http::Request<_>| async move {
+                let seen = serde_json::json!({
+                    "version": format!("{:?}", req.version()),
+                    "target": req.uri().to_string(),
+                    "host": req.headers().get("host").and_then(|h| h.to_str().ok()),
+                });
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from(seen.to_string()),
+                )))
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service),
+            );
+        }
+    });
+    let mut a = Caller::payments_at(&b, addr, |_| {}).await;
+    for i in 0..3 {
+        let (status, _, body) = a
+            .get("PAYMENTS.pay.svc:15001", &format!("/v1/payments/{i}?a=b"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["version"], "HTTP/1.1");
+        assert_eq!(body["target"], format!("/v1/payments/{i}?a=b"));
+        assert_eq!(body["host"], PAYMENTS_HOST);
+    }
+    // An HTTP/1.1 connection goes back to the pool a moment after its
+    // response ends, so a request may race it and open another: the test
+    // asserts reuse, not an exact count (the HTTP/2 test does that).
+    let handshakes = sample(
+        &a.scrape().await,
+        r#"portcullis_outbound_tls_handshakes_total{result="ok"}"#,
+    );
+    assert!(
+        (1.0..3.0).contains(&handshakes),
+        "HTTP/1.1 connections are pooled too: {handshakes} handshakes"
+    );
+    a.stop().await;
+}
