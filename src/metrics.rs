@@ -23,8 +23,7 @@ const POLICY_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     /// decision = allow | deny | would_deny | error; status = 2xx..5xx.
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
+    pub requests: Requests,
     pub policy_eval_duration: Histogram,
     /// result = ok | no_client_cert | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout
@@ -56,9 +55,9 @@ pub struct Metrics {
 /// Metrics of the outbound (mTLS origination) path.
 #[derive(Clone)]
 pub struct Outbound {
-    /// decision = allow | deny | unrouted | error; status = 2xx..5xx.
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
+    /// decision = allow | deny | unrouted | refused | error; status =
+    /// 2xx..5xx.
+    pub requests: Requests,
     /// result = ok | wrong_server_id | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout
     pub handshakes: IntCounterVec,
@@ -72,20 +71,9 @@ pub struct Outbound {
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Metrics, Error> {
         let m = Metrics {
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "portcullis_requests_total",
-                    "HTTP requests by policy decision and response status class",
-                ),
-                &["decision", "status"],
-            )?,
-            request_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "portcullis_request_duration_seconds",
-                    "Time from request head to response head, by decision",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["decision"],
+            requests: Requests::new(
+                ("portcullis_requests_total", "HTTP requests by policy decision and response status class"),
+                ("portcullis_request_duration_seconds", "Time from request head to response head, by decision"),
             )?,
             policy_eval_duration: Histogram::with_opts(
                 HistogramOpts::new(
@@ -163,8 +151,7 @@ impl Metrics {
             )?,
             outbound: Outbound::new(registry)?,
         };
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.request_duration.clone()))?;
+        m.requests.register(registry)?;
         registry.register(Box::new(m.policy_eval_duration.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.open_connections.clone()))?;
@@ -198,13 +185,7 @@ impl Metrics {
     }
 
     pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
-        record(
-            &self.requests,
-            &self.request_duration,
-            decision,
-            status,
-            seconds,
-        );
+        self.requests.record(decision, status, seconds);
     }
 }
 
@@ -213,20 +194,15 @@ impl Metrics {
 impl Outbound {
     fn new(registry: &Registry) -> Result<Outbound, Error> {
         let m = Outbound {
-            requests: IntCounterVec::new(
-                Opts::new(
+            requests: Requests::new(
+                (
                     "portcullis_outbound_requests_total",
                     "Outbound requests from the app by decision and response status class",
                 ),
-                &["decision", "status"],
-            )?,
-            request_duration: HistogramVec::new(
-                HistogramOpts::new(
+                (
                     "portcullis_outbound_request_duration_seconds",
                     "Outbound time from request head to response head, by decision",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["decision"],
+                ),
             )?,
             handshakes: IntCounterVec::new(
                 Opts::new(
@@ -250,8 +226,7 @@ impl Outbound {
                 &["route"],
             )?,
         };
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.request_duration.clone()))?;
+        m.requests.register(registry)?;
         registry.register(Box::new(m.handshakes.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.circuit_state.clone()))?;
@@ -269,16 +244,6 @@ impl Outbound {
             ],
         );
         Ok(m)
-    }
-
-    pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
-        record(
-            &self.requests,
-            &self.request_duration,
-            decision,
-            status,
-            seconds,
-        );
     }
 }
 
@@ -302,17 +267,39 @@ fn precreate(family: &IntCounterVec, values: &[&str]) {
     }
 }
 
-fn record(
-    requests: &IntCounterVec,
-    duration: &HistogramVec,
-    decision: &str,
-    status: u16,
-    seconds: f64,
-) {
-    requests
-        .with_label_values(&[decision, status_class(status)])
-        .inc();
-    duration.with_label_values(&[decision]).observe(seconds);
+/// A request counter by decision and status class, with its duration
+/// histogram by decision: the same pair for each direction.
+#[derive(Clone)]
+pub struct Requests {
+    total: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl Requests {
+    /// `(name, help)` of the counter, then of the histogram.
+    fn new(total: (&str, &str), duration: (&str, &str)) -> Result<Requests, Error> {
+        Ok(Requests {
+            total: IntCounterVec::new(Opts::new(total.0, total.1), &["decision", "status"])?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(duration.0, duration.1).buckets(LATENCY_BUCKETS.to_vec()),
+                &["decision"],
+            )?,
+        })
+    }
+
+    fn register(&self, registry: &Registry) -> Result<(), Error> {
+        registry.register(Box::new(self.total.clone()))?;
+        registry.register(Box::new(self.duration.clone()))
+    }
+
+    pub fn record(&self, decision: &str, status: u16, seconds: f64) {
+        self.total
+            .with_label_values(&[decision, status_class(status)])
+            .inc();
+        self.duration
+            .with_label_values(&[decision])
+            .observe(seconds);
+    }
 }
 
 pub fn status_class(status: u16) -> &'static str {

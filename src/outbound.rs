@@ -174,15 +174,7 @@ async fn handle_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
     let conn = builder.serve_connection(TokioIo::new(tcp), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
+    if let Err(e) = proxy::until_drained(conn, &drain).await {
         tracing::debug!(peer = %peer, error = %e, "outbound connection ended with an error");
     }
 }
@@ -227,7 +219,8 @@ async fn handle_request(
     let Some(mut record) = out.audit.reserve(event) else {
         out.metrics
             .outbound
-            .record_request("error", 503, started.elapsed().as_secs_f64());
+            .requests
+            .record("error", 503, started.elapsed().as_secs_f64());
         return proxy::refuse_unaudited(&out.audit, &request_id);
     };
 
@@ -246,7 +239,8 @@ async fn handle_request(
         record.finish(status);
         out.metrics
             .outbound
-            .record_request(decision, status, started.elapsed().as_secs_f64());
+            .requests
+            .record(decision, status, started.elapsed().as_secs_f64());
         response
     };
 

@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -260,16 +261,7 @@ async fn handle_connection(
                 .unwrap_or(u32::MAX),
         );
     let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signaled() => {
-            // Finish the requests in hand, refuse new ones, then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
+    if let Err(e) = until_drained(conn, &drain).await {
         // hyper reports its header-read timeout (slowloris) as a timeout
         // error; the connection is already closed.
         let timed_out = e
@@ -284,6 +276,31 @@ async fn handle_connection(
             tracing::info!(peer = %peer_addr, "closed a connection that did not send its request head in time");
         } else {
             tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Serves one connection to its end; once draining starts, it finishes the
+/// requests in hand, refuses new ones, then closes.
+pub(crate) async fn until_drained<I, S, B>(
+    conn: auto::Connection<'_, I, S, TokioExecutor>,
+    drain: &drain::Watch,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     }
 }
