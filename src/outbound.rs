@@ -334,13 +334,7 @@ async fn handle_request(
         Some(Err(e)) => {
             let reason = format!("egress policy evaluation failed: {e}");
             tracing::error!(request_id, "{}", audit::redact_pans(&reason));
-            let resp = error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "policy_error",
-                &reason,
-                &request_id,
-                Some(&policy.revision),
-            );
+            let resp = proxy::policy_error(&reason, &request_id, &policy.revision);
             return finish(record, "error", false, reason, resp);
         }
     };

@@ -528,13 +528,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                 Decision::default()
             } else {
                 tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
-                let resp = error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "policy_error",
-                    &reason,
-                    &request_id,
-                    Some(&policy.revision),
-                );
+                let resp = policy_error(&reason, &request_id, &policy.revision);
                 return finish(record, "error", false, reason, resp);
             }
         }
@@ -874,6 +868,17 @@ pub(crate) fn upstream_uri(scheme: &str, authority: &str, target: String) -> Res
         .path_and_query(target)
         .build()
         .map_err(|e| format!("cannot build the upstream URI: {e}"))
+}
+
+/// Policy evaluation failed: fail closed, naming the revision.
+pub(crate) fn policy_error(reason: &str, request_id: &str, revision: &str) -> Response<Body> {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "policy_error",
+        reason,
+        request_id,
+        Some(revision),
+    )
 }
 
 pub(crate) fn bad_request(reason: &str, request_id: &str) -> Response<Body> {

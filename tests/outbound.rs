@@ -223,7 +223,6 @@ async fn request_reaches_the_server_app_with_the_callers_identity() {
         ),
         1.0
     );
-    // B is TLS on its inbound side too; it was verified as B, not trusted.
     let events = a.stop().await;
     let reqs = requests(&events);
     assert_eq!(reqs.len(), 1);
