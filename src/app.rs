@@ -247,6 +247,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                 policy: policy.clone(),
                 metrics: metrics.clone(),
                 audit: audit.clone(),
+                policy_mode: config.policy.mode,
             },
         )?;
         tokio::spawn(outbound::serve(listener, Arc::new(outbound), watch.clone()));

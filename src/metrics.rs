@@ -55,8 +55,8 @@ pub struct Metrics {
 /// Metrics of the outbound (mTLS origination) path.
 #[derive(Clone)]
 pub struct Outbound {
-    /// decision = allow | deny | unrouted | refused | error; status =
-    /// 2xx..5xx.
+    /// decision = allow | deny | would_deny | unrouted | refused | error;
+    /// status = 2xx..5xx.
     pub requests: Requests,
     /// result = ok | wrong_server_id | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout

@@ -32,7 +32,7 @@ use tokio::sync::Semaphore;
 use self::connector::{ConnectError, Connector, ServerPeer};
 use self::route::RouteSpec;
 use crate::audit::{self, AuditSink, Event, Kind};
-use crate::config;
+use crate::config::{self, PolicyMode};
 use crate::drain;
 use crate::identity::IdentitySnapshot;
 use crate::metrics::Metrics;
@@ -51,6 +51,7 @@ pub struct Outbound {
     policy: Arc<ArcSwap<PolicySnapshot>>,
     metrics: Arc<Metrics>,
     audit: AuditSink,
+    policy_mode: PolicyMode,
 }
 
 /// One route: its pool of verified connections and its circuit breaker.
@@ -66,6 +67,8 @@ pub struct Deps {
     pub policy: Arc<ArcSwap<PolicySnapshot>>,
     pub metrics: Arc<Metrics>,
     pub audit: AuditSink,
+    /// `dry_run` applies to the egress rule as to the inbound one.
+    pub policy_mode: PolicyMode,
 }
 
 impl Outbound {
@@ -118,6 +121,7 @@ impl Outbound {
             policy: deps.policy,
             metrics: deps.metrics,
             audit: deps.audit,
+            policy_mode: deps.policy_mode,
         })
     }
 }
@@ -224,6 +228,7 @@ async fn handle_request(
         return proxy::refuse_unaudited(&out.audit, &request_id);
     };
 
+    let dry_run = out.policy_mode == PolicyMode::DryRun;
     let finish = |mut record: audit::RequestRecord,
                   decision: &str,
                   allowed: bool,
@@ -234,7 +239,7 @@ async fn handle_request(
             allowed,
             reason: audit::redact_pans(&reason).into_owned(),
             policy_revision: policy.revision.clone(),
-            dry_run: false,
+            dry_run,
         });
         record.finish(status);
         out.metrics
@@ -304,14 +309,16 @@ async fn handle_request(
         destination_spiffe_id: &principal,
         time: SystemTime::now(),
     };
-    let reason = match policy.evaluate_egress(build_input(&facts)) {
-        None => format!("routed to {}", route.spec.host),
-        Some(Ok(decision)) if decision.allowed => decision.reason.unwrap_or_else(|| {
+    // A refusal is (reason, metric label, response); in dry-run it is only
+    // recorded, and the request goes on as `would_deny`.
+    let verdict = match policy.evaluate_egress(build_input(&facts)) {
+        None => Ok(format!("routed to {}", route.spec.host)),
+        Some(Ok(decision)) if decision.allowed => Ok(decision.reason.unwrap_or_else(|| {
             format!(
                 "allowed by {}",
                 policy.egress_query.as_deref().unwrap_or("")
             )
-        }),
+        })),
         Some(Ok(decision)) => {
             let reason = decision.reason.clone().unwrap_or_else(|| {
                 format!(
@@ -320,22 +327,34 @@ async fn handle_request(
                     policy.egress_query.as_deref().unwrap_or("")
                 )
             });
-            tracing::info!(request_id, host = %route.spec.host, "egress denied: {}", audit::redact_pans(&reason));
-            let status = proxy::denial_status(decision.http_status);
             let resp = error_response(
-                status,
+                proxy::denial_status(decision.http_status),
                 "forbidden",
                 &reason,
                 &request_id,
                 Some(&policy.revision),
             );
-            return finish(record, "deny", false, reason, resp);
+            Err((reason, "deny", resp))
         }
         Some(Err(e)) => {
             let reason = format!("egress policy evaluation failed: {e}");
-            tracing::error!(request_id, "{}", audit::redact_pans(&reason));
             let resp = proxy::policy_error(&reason, &request_id, &policy.revision);
-            return finish(record, "error", false, reason, resp);
+            Err((reason, "error", resp))
+        }
+    };
+    let (label, allowed, reason) = match verdict {
+        Ok(reason) => ("allow", true, reason),
+        Err((reason, _, _)) if dry_run => {
+            tracing::info!(request_id, host = %route.spec.host, "dry run, would deny egress: {}", audit::redact_pans(&reason));
+            (
+                "would_deny",
+                false,
+                format!("dry run, would deny: {reason}"),
+            )
+        }
+        Err((reason, label, resp)) => {
+            tracing::info!(request_id, host = %route.spec.host, "egress refused by policy: {}", audit::redact_pans(&reason));
+            return finish(record, label, false, reason, resp);
         }
     };
 
@@ -378,7 +397,7 @@ async fn handle_request(
             &request_id,
             None,
         );
-        return finish(record, "allow", true, format!("{reason}; {message}"), resp);
+        return finish(record, label, allowed, format!("{reason}; {message}"), resp);
     };
     let sent = tokio::time::timeout(
         out.request_timeout,
@@ -401,7 +420,7 @@ async fn handle_request(
                 parts.headers.insert(proxy::X_REQUEST_ID, v);
             }
             let resp = Response::from_parts(parts, Either::Left(body));
-            return finish(record, "allow", true, reason, resp);
+            return finish(record, label, allowed, reason, resp);
         }
         Ok(Err(e)) => match connect_error(&e) {
             Some(c) if c.is_refusal() => (
@@ -445,7 +464,7 @@ async fn handle_request(
     let (label, allowed) = if kind == "refused" {
         ("refused", false)
     } else {
-        ("allow", true)
+        (label, allowed)
     };
     finish(record, label, allowed, format!("{reason}; {message}"), resp)
 }

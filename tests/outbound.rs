@@ -407,6 +407,37 @@ async fn an_egress_policy_deny_gets_403_and_nothing_leaves() {
 }
 
 #[tokio::test]
+async fn an_egress_deny_in_dry_run_is_recorded_and_sent() {
+    let b = Harness::start().await;
+    let policy = egress_policy();
+    let mut a = Caller::start(
+        &b,
+        policy.path(),
+        vec![route(PAYMENTS_HOST, b.running().inbound_addr, SIDECAR)],
+        |c| {
+            c.policy.egress_query = Some("data.portcullis.egress.allow".into());
+            c.policy.mode = portcullis::config::PolicyMode::DryRun;
+        },
+    )
+    .await;
+    let (status, _, body) = send_h1(a.outbound(), "POST", PAYMENTS_HOST, "/v1/payments").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(b.service.received().len(), 1);
+    assert_eq!(
+        sample(
+            &a.scrape().await,
+            r#"portcullis_outbound_requests_total{decision="would_deny",status="2xx"}"#
+        ),
+        1.0
+    );
+    let events = a.stop().await;
+    let decision = &requests(&events)[0]["decision"];
+    assert_eq!(decision["allowed"], false);
+    assert_eq!(decision["dry_run"], true);
+    assert_eq!(decision["reason"], "dry run, would deny: no egress grant");
+}
+
+#[tokio::test]
 async fn an_unknown_egress_query_refuses_to_start() {
     let b = Harness::start().await;
     let mut config = b.pki.config(&shipped_policy(), b.service.addr);
