@@ -61,7 +61,9 @@ pub struct Outbound {
     /// result = ok | wrong_server_id | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout
     pub handshakes: IntCounterVec,
-    /// kind = resolve | connect | timeout | protocol | refused | circuit_open
+    /// kind = resolve | connect (refused, or no mTLS connection within
+    /// the connect timeout) | timeout (no response head in time) | protocol
+    /// | refused (server identity) | circuit_open
     pub upstream_errors: IntCounterVec,
     /// route = the route's host (configured, so bounded); 0 closed, 1 open,
     /// 2 half-open.

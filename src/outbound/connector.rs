@@ -63,8 +63,8 @@ impl ConnectError {
     pub fn kind(&self) -> &'static str {
         match self {
             ConnectError::Resolve { .. } => "resolve",
-            ConnectError::Connect { .. } => "connect",
-            ConnectError::Timeout { .. } => "timeout",
+            // `timeout` is kept for requests the server did not answer.
+            ConnectError::Connect { .. } | ConnectError::Timeout { .. } => "connect",
             ConnectError::Handshake { .. } | ConnectError::WrongServer { .. } => "refused",
         }
     }
@@ -111,10 +111,8 @@ impl Connector {
                 .await
                 .map_err(|e| {
                     let (failure, message) = tls::classify_handshake_error(&e);
-                    (failure.label(), tls::presented_spiffe_id(&e), message)
-                })
-                .map_err(|(reason, presented, message)| {
-                    settings.refused(reason, presented, &message);
+                    let reason = failure.label();
+                    settings.refused(reason, tls::presented_spiffe_id(&e), &message);
                     ConnectError::Handshake {
                         address: address.clone(),
                         reason,
