@@ -396,6 +396,9 @@ async fn an_egress_policy_deny_gets_403_and_nothing_leaves() {
     let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments/9").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(b.service.received().len(), 1);
+    let (_, policy) = admin_get(a.running().admin_addr, "/policy").await;
+    let policy: serde_json::Value = serde_json::from_str(&policy).unwrap();
+    assert_eq!(policy["egress_query"], "data.portcullis.egress.allow");
 
     let events = a.stop().await;
     let reqs = requests(&events);
