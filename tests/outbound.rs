@@ -335,11 +335,18 @@ async fn an_unrouted_host_gets_502_naming_it_and_nothing_leaves() {
         ),
         1.0
     );
+    // A routed host, but a path that cannot be normalised safely: refused
+    // here, before policy, as inbound would.
+    let (status, _, body) = a.get(PAYMENTS_HOST, "/v1/payments%2F..%2Fadmin").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(b.service.received().is_empty());
+
     let events = a.stop().await;
     let reqs = requests(&events);
     assert_eq!(reqs[0]["direction"], "outbound");
     assert_eq!(reqs[0]["response"]["status"], 502);
     assert!(reqs[0].get("destination").is_none());
+    assert_eq!(reqs[1]["response"]["status"], 400);
     b.stop().await;
 }
 
