@@ -134,7 +134,7 @@ pub struct Source {
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Destination {
-    /// The routed host, as the app named it.
+    /// The route's host (lowercase, without port).
     pub host: String,
     /// The route's `address`.
     pub address: String,
