@@ -101,6 +101,7 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                 &serde_json::json!({
                     "revision": p.revision,
                     "query": p.query,
+                    "egress_query": p.egress_query,
                     "files": p.files,
                     "loaded_at": crate::audit::timestamp(p.loaded_at),
                     "mode": state.config.policy.mode,

@@ -18,6 +18,7 @@ use crate::config::{self, Config};
 use crate::drain;
 use crate::identity;
 use crate::metrics::Metrics;
+use crate::outbound::{self, Outbound};
 use crate::policy::{self, reload, PolicySnapshot};
 use crate::proxy::{self, Limits, Shared, Upstream};
 
@@ -49,6 +50,8 @@ const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 /// A started sidecar.
 pub struct Running {
     pub inbound_addr: SocketAddr,
+    /// The `[outbound]` listener, when configured.
+    pub outbound_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub registry: Registry,
     pub metrics: Arc<Metrics>,
@@ -87,7 +90,8 @@ fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
         Duration::from_millis(config.policy.eval_timeout_ms),
         config.policy.require_tests_pass,
         config.policy.evaluator,
-    )
+    )?
+    .with_egress_query(config.policy.egress_query.as_deref())
 }
 
 pub async fn start(config: Config) -> Result<Running, Error> {
@@ -146,6 +150,15 @@ pub async fn start(config: Config) -> Result<Running, Error> {
     let admin_listener = bind("admin.listen", config.admin.listen).await?;
     let inbound_addr = local_addr("inbound.listen", &inbound, config.inbound.listen)?;
     let admin_addr = local_addr("admin.listen", &admin_listener, config.admin.listen)?;
+
+    let outbound_listener = match &config.outbound {
+        Some(o) => Some(bind("outbound.listen", o.listen).await?),
+        None => None,
+    };
+    let outbound_addr = match (&outbound_listener, &config.outbound) {
+        (Some(l), Some(o)) => Some(local_addr("outbound.listen", l, o.listen)?),
+        _ => None,
+    };
 
     let (trigger, watch) = drain::channel();
     let listening = Arc::new(AtomicBool::new(true));
@@ -214,6 +227,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             reload::Options {
                 dir: config.policy.dir.clone(),
                 query: config.policy.query.clone(),
+                egress_query: config.policy.egress_query.clone(),
                 eval_timeout: Duration::from_millis(config.policy.eval_timeout_ms),
                 require_tests_pass: config.policy.require_tests_pass,
                 evaluator: config.policy.evaluator,
@@ -229,16 +243,31 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         )
         .map_err(Error::Watch)?;
     }
+    if let (Some(listener), Some(cfg)) = (outbound_listener, &config.outbound) {
+        let outbound = Outbound::new(
+            cfg,
+            outbound::Deps {
+                identity: identity.clone(),
+                policy: policy.clone(),
+                metrics: metrics.clone(),
+                audit: audit.clone(),
+                policy_mode: config.policy.mode,
+            },
+        )?;
+        tokio::spawn(outbound::serve(listener, Arc::new(outbound), watch.clone()));
+    }
     tokio::spawn(proxy::serve(inbound, shared, watch.clone()));
     tokio::spawn(admin::serve(admin_listener, admin_state, watch));
     tracing::info!(
         inbound = %inbound_addr,
         admin = %admin_addr,
+        outbound = ?outbound_addr,
         "portcullis ready inbound={inbound_addr} admin={admin_addr}"
     );
 
     Ok(Running {
         inbound_addr,
+        outbound_addr,
         admin_addr,
         registry,
         metrics,

@@ -65,6 +65,17 @@ pub enum Kind {
     Gap,
     /// The first event of a file after size-based rotation.
     Rotated,
+    /// An outbound connection refused because the server did not prove
+    /// the identity its route requires.
+    EgressRefused,
+}
+
+/// Set on events about traffic the sidecar originates (`[outbound]`);
+/// absent, an event is about inbound traffic, as it always was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -76,7 +87,12 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
+    /// Outbound: the route the request or connection went to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Destination>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request: Option<Request>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -114,6 +130,21 @@ pub struct Source {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spiffe_id: Option<String>,
     pub address: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Destination {
+    /// The route's host (lowercase, without port).
+    pub host: String,
+    /// The route's `address`.
+    pub address: String,
+    /// The server's SPIFFE ID: verified for a request, as presented for a
+    /// refusal (absent when none could be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// Who the route requires: an ID, `an ID under <prefix>`, or `an ID in
+    /// trust domain <td>`.
+    pub expected: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,7 +189,9 @@ impl Event {
             seq: 0,
             kind,
             request_id: None,
+            direction: None,
             source: None,
+            destination: None,
             request: None,
             decision: None,
             response: None,
@@ -230,6 +263,19 @@ impl Event {
             }),
             ..Event::with_detail(
                 Kind::HandshakeRejected,
+                redact_pans(&format!("{reason}: {message}")),
+            )
+        }
+    }
+
+    /// An outbound connection refused: `reason` is the metric label
+    /// (`wrong_server_id`, `untrusted_chain`, ...).
+    pub fn egress_refused(destination: Destination, reason: &str, message: &str) -> Event {
+        Event {
+            direction: Some(Direction::Outbound),
+            destination: Some(destination),
+            ..Event::with_detail(
+                Kind::EgressRefused,
                 redact_pans(&format!("{reason}: {message}")),
             )
         }

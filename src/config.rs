@@ -48,6 +48,9 @@ pub struct Config {
     pub admin: Admin,
     #[serde(default)]
     pub rate_limit: crate::ratelimit::Config,
+    /// Absent: no outbound listener, the app makes its own connections.
+    #[serde(default)]
+    pub outbound: Option<Outbound>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -91,6 +94,70 @@ impl Default for Inbound {
             h2_max_concurrent_streams: 100,
         }
     }
+}
+
+/// `[outbound]`: the loopback listener the app calls with plain HTTP, and
+/// where each host it names is reached over mTLS.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Outbound {
+    /// Must be a loopback address: whatever reaches it leaves the pod
+    /// under this workload's identity.
+    pub listen: SocketAddr,
+    /// TCP connect plus the mTLS handshake, per new connection.
+    pub connect_timeout_ms: u64,
+    /// From sending the request to the response head; 504 past it.
+    pub request_timeout_ms: u64,
+    /// Consecutive failures to reach a route that open its circuit.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+    /// How long an unused pooled connection to a route is kept.
+    pub idle_timeout_ms: u64,
+    /// Connections from the app held open at once; more are closed at
+    /// accept.
+    pub max_connections: usize,
+    /// An HTTP/1.1 request head not complete by then closes the connection.
+    pub header_read_timeout_ms: u64,
+    /// `[[outbound.route]]`.
+    #[serde(rename = "route")]
+    pub routes: Vec<OutboundRoute>,
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            connect_timeout_ms: 1_000,
+            request_timeout_ms: 15_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5_000,
+            idle_timeout_ms: 30_000,
+            max_connections: 1_024,
+            header_read_timeout_ms: 10_000,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// One `[[outbound.route]]`: a `Host` the app may call, where it lives and
+/// who must answer. Exactly one of `server_id`, `server_id_prefix` and
+/// `server_trust_domain` says who.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundRoute {
+    /// Matched against `Host` / `:authority` without its port,
+    /// case-insensitively.
+    pub host: String,
+    /// `ip:port` or `dns-name:port`; a name is resolved for every new
+    /// connection.
+    pub address: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<String>,
+    /// Ends in `/`: matches every ID below that path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_trust_domain: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -144,6 +211,10 @@ pub struct Policy {
     /// `auto` decides on regorus's RVM when it agrees with the interpreter
     /// on every input of the policy's tests; `interpreter` never uses it.
     pub evaluator: crate::policy::EvaluatorMode,
+    /// The rule that decides outbound requests (`[outbound]`); unset, every
+    /// routed request is allowed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_query: Option<String>,
 }
 
 impl Default for Policy {
@@ -157,6 +228,7 @@ impl Default for Policy {
             reload_interval_ms: 1_000,
             max_body_bytes: 0,
             evaluator: crate::policy::EvaluatorMode::Auto,
+            egress_query: None,
         }
     }
 }
@@ -265,8 +337,10 @@ pub const OVERRIDABLE: &[&str] = &[
     "policy.query",
     "policy.mode",
     "policy.evaluator",
+    "policy.egress_query",
     "audit.path",
     "admin.listen",
+    "outbound.listen",
 ];
 
 /// Read by [`Config::load`] through its environment closure, never directly.
@@ -361,8 +435,12 @@ impl Config {
                     _ => return Err(invalid(format!("{value:?} is not auto or interpreter"))),
                 }
             }
+            "policy.egress_query" => self.policy.egress_query = Some(value.into()),
             "audit.path" => self.audit.path = value.into(),
             "admin.listen" => self.admin.listen = addr(value)?,
+            "outbound.listen" => {
+                self.outbound.get_or_insert_with(Outbound::default).listen = addr(value)?
+            }
             _ => {
                 return Err(Error::UnknownKey {
                     key: key.into(),
@@ -377,6 +455,9 @@ impl Config {
     /// policies: values in range, the upstream URL, files present.
     pub fn validate(&self) -> Result<(), Error> {
         upstream_addr(&self.inbound.upstream)?;
+        if let Some(outbound) = &self.outbound {
+            self.validate_outbound(outbound)?;
+        }
         let positive = [
             (
                 "inbound.max_connections",
@@ -498,6 +579,44 @@ impl Config {
                 source,
             })?;
         }
+        Ok(())
+    }
+
+    fn validate_outbound(&self, outbound: &Outbound) -> Result<(), Error> {
+        if !outbound.listen.ip().is_loopback() {
+            return Err(Error::Invalid {
+                key: "outbound.listen".into(),
+                message: format!(
+                    "{} is not a loopback address: anything that can reach the outbound \
+                     listener speaks with this workload's identity, so only the pod may",
+                    outbound.listen
+                ),
+            });
+        }
+        for (key, value) in [
+            ("outbound.connect_timeout_ms", outbound.connect_timeout_ms),
+            ("outbound.request_timeout_ms", outbound.request_timeout_ms),
+            (
+                "outbound.header_read_timeout_ms",
+                outbound.header_read_timeout_ms,
+            ),
+            ("outbound.max_connections", outbound.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(Error::Invalid {
+                    key: key.into(),
+                    message: "must be greater than zero".into(),
+                });
+            }
+        }
+        // With the Workload API the federated bundles arrive at run time, so
+        // only the file source can say up front which domains are trusted.
+        let known: Option<Vec<&str>> = self.identity.workload_api.is_none().then(|| {
+            std::iter::once(self.identity.trust_domain.as_str())
+                .chain(self.identity.federation.keys().map(String::as_str))
+                .collect()
+        });
+        crate::outbound::route::parse_all(&outbound.routes, known.as_deref())?;
         Ok(())
     }
 
@@ -832,6 +951,106 @@ mod tests {
         .unwrap();
         let c = Config::load(&path, &agent, &[]).unwrap();
         assert_eq!(c.identity.workload_api.as_deref(), Some("unix:///c.sock"));
+    }
+
+    #[test]
+    fn outbound_section_parses_with_routes() {
+        let c = parse(
+            r#"
+            [outbound]
+            listen = "127.0.0.1:15001"
+            [[outbound.route]]
+            host = "ledger.pay.svc"
+            address = "10.0.3.7:15443"
+            server_id = "spiffe://pay.example/ns/ledger/sa/ledger"
+            [[outbound.route]]
+            host = "fraud.pay.svc"
+            address = "fraud.pay.svc:15443"
+            server_id_prefix = "spiffe://pay.example/ns/fraud/"
+            "#,
+        )
+        .unwrap();
+        let o = c.outbound.as_ref().unwrap();
+        assert_eq!(o.routes.len(), 2);
+        assert_eq!(o.connect_timeout_ms, 1_000);
+        assert_eq!(
+            o.routes[1].server_id_prefix.as_deref(),
+            Some("spiffe://pay.example/ns/fraud/")
+        );
+        assert!(parse("").unwrap().outbound.is_none());
+        let err = parse("[[outbound.route]]\nhost = \"x\"\naddress = \"a:1\"\nserver = \"s\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("server"), "{err}");
+    }
+
+    #[test]
+    fn outbound_example_config_parses() {
+        let c = parse(include_str!("../portcullis.outbound.example.toml")).unwrap();
+        let o = c.outbound.unwrap();
+        let specs =
+            crate::outbound::route::parse_all(&o.routes, Some(&["pay.example", "bank.example"]))
+                .unwrap();
+        assert_eq!(specs.len(), 3);
+    }
+
+    #[test]
+    fn outbound_listen_must_be_loopback() {
+        let mut c = Config::default();
+        c.set("outbound.listen", "0.0.0.0:15001", "test").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("outbound.listen") && err.contains("loopback"),
+            "{err}"
+        );
+        c.set("outbound.listen", "10.0.0.7:15001", "test").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("outbound.listen"));
+        // Loopback passes this check; validation goes on to the next key.
+        c.set("outbound.listen", "[::1]:15001", "test").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(!err.contains("outbound"), "{err}");
+    }
+
+    #[test]
+    fn outbound_route_errors_name_the_route() {
+        let mut c = parse(
+            r#"
+            [identity]
+            trust_domain = "pay.example"
+            [[outbound.route]]
+            host = "ledger.pay.svc"
+            address = "10.0.3.7:15443"
+            server_id = "spiffe://pay.example/ns/ledger/sa/ledger"
+            [[outbound.route]]
+            host = "bank.pay.svc"
+            address = "bank:443"
+            server_id = "spiffe://bank.example/sa/connector"
+            "#,
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("outbound.route[1] (host \"bank.pay.svc\")")
+                && err.contains("bank.example"),
+            "{err}"
+        );
+        // Federated, the bank's domain is known.
+        c.identity
+            .federation
+            .insert("bank.example".into(), "bank.pem".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(!err.contains("outbound"), "{err}");
+        let o = c.outbound.as_mut().unwrap();
+        o.routes[0].address = "10.0.3.7".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("outbound.route[0] (host \"ledger.pay.svc\")")
+                && err.contains("address"),
+            "{err}"
+        );
     }
 
     #[test]

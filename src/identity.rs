@@ -65,6 +65,8 @@ pub struct IdentitySnapshot {
     /// Per trust domain, what its anchors are and when the first one lapses.
     pub bundle_info: BTreeMap<String, BundleInfo>,
     pub server_config: Arc<rustls::ServerConfig>,
+    /// Presents this SVID when originating mTLS (`[outbound]`).
+    pub client_config: Arc<rustls::ClientConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +171,7 @@ fn build(
         path: cfg.bundle.clone(),
         message: format!("an anchor of {trust_domain:?} has an unreadable validity"),
     })?;
+    let client_config = tls::origination_config(chain.clone(), key.clone_key(), bundles.clone())?;
     let server_config = tls::server_config(chain, key, bundles.clone())?;
     Ok(IdentitySnapshot {
         spiffe_id,
@@ -178,6 +181,7 @@ fn build(
         bundles,
         bundle_info,
         server_config,
+        client_config,
     })
 }
 

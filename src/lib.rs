@@ -14,6 +14,7 @@ pub mod drain;
 pub mod identity;
 pub mod inject;
 pub mod metrics;
+pub mod outbound;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;

@@ -229,8 +229,19 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Config(ConfigCommand::Check(args)) => {
             let config = args.load()?;
             let (identity, policy) = runtime()?.block_on(app::check(&config))?;
+            let outbound = config
+                .outbound
+                .as_ref()
+                .map(|o| {
+                    format!(
+                        ", outbound on {} with {} route(s)",
+                        o.listen,
+                        o.routes.len()
+                    )
+                })
+                .unwrap_or_default();
             println!(
-                "config ok: {} as {} (SVID valid until {}), policy revision {} ({})",
+                "config ok: {} as {} (SVID valid until {}), policy revision {} ({}){outbound}",
                 args.config.display(),
                 identity.spiffe_id,
                 audit::timestamp(identity.not_after),

@@ -23,8 +23,7 @@ const POLICY_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     /// decision = allow | deny | would_deny | error; status = 2xx..5xx.
-    pub requests: IntCounterVec,
-    pub request_duration: HistogramVec,
+    pub requests: Requests,
     pub policy_eval_duration: Histogram,
     /// result = ok | no_client_cert | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout
@@ -47,25 +46,36 @@ pub struct Metrics {
     pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
+    /// The `portcullis_outbound_*` families: traffic the app sends through
+    /// `[outbound]`. Separate families, so the inbound ones keep their
+    /// names and labels.
+    pub outbound: Outbound,
+}
+
+/// Metrics of the outbound (mTLS origination) path.
+#[derive(Clone)]
+pub struct Outbound {
+    /// decision = allow | deny | would_deny | unrouted | refused | error;
+    /// status = 2xx..5xx.
+    pub requests: Requests,
+    /// result = ok | wrong_server_id | untrusted_chain | bad_svid |
+    /// wrong_trust_domain | expired | protocol_error | timeout
+    pub handshakes: IntCounterVec,
+    /// kind = resolve | connect (refused, or no mTLS connection within
+    /// the connect timeout) | timeout (no response head in time) | protocol
+    /// | refused (server identity) | circuit_open
+    pub upstream_errors: IntCounterVec,
+    /// route = the route's host (configured, so bounded); 0 closed, 1 open,
+    /// 2 half-open.
+    pub circuit_state: IntGaugeVec,
 }
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Metrics, Error> {
         let m = Metrics {
-            requests: IntCounterVec::new(
-                Opts::new(
-                    "portcullis_requests_total",
-                    "HTTP requests by policy decision and response status class",
-                ),
-                &["decision", "status"],
-            )?,
-            request_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "portcullis_request_duration_seconds",
-                    "Time from request head to response head, by decision",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
-                &["decision"],
+            requests: Requests::new(
+                ("portcullis_requests_total", "HTTP requests by policy decision and response status class"),
+                ("portcullis_request_duration_seconds", "Time from request head to response head, by decision"),
             )?,
             policy_eval_duration: Histogram::with_opts(
                 HistogramOpts::new(
@@ -141,9 +151,9 @@ impl Metrics {
                 "portcullis_upstream_circuit_state",
                 "Upstream circuit breaker: 0 closed, 1 open, 2 half-open",
             )?,
+            outbound: Outbound::new(registry)?,
         };
-        registry.register(Box::new(m.requests.clone()))?;
-        registry.register(Box::new(m.request_duration.clone()))?;
+        m.requests.register(registry)?;
         registry.register(Box::new(m.policy_eval_duration.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.open_connections.clone()))?;
@@ -161,18 +171,8 @@ impl Metrics {
         // Families with labels appear in the exposition only once a child
         // exists; pre-create the fixed sets so dashboards and alerts see
         // zeros rather than absent series.
-        for result in [
-            "ok",
-            "no_client_cert",
-            "untrusted_chain",
-            "bad_svid",
-            "wrong_trust_domain",
-            "expired",
-            "protocol_error",
-            "timeout",
-        ] {
-            m.tls_handshakes.with_label_values(&[result]);
-        }
+        precreate(&m.tls_handshakes, &["ok", "no_client_cert"]);
+        precreate(&m.tls_handshakes, HANDSHAKE_FAILURES);
         for limit in ["header_bytes", "body_bytes", "header_timeout"] {
             m.limits_exceeded.with_label_values(&[limit]);
         }
@@ -187,10 +187,118 @@ impl Metrics {
     }
 
     pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
-        self.requests
+        self.requests.record(decision, status, seconds);
+    }
+}
+
+// === impl Outbound ===
+
+impl Outbound {
+    fn new(registry: &Registry) -> Result<Outbound, Error> {
+        let m = Outbound {
+            requests: Requests::new(
+                (
+                    "portcullis_outbound_requests_total",
+                    "Outbound requests from the app by decision and response status class",
+                ),
+                (
+                    "portcullis_outbound_request_duration_seconds",
+                    "Outbound time from request head to response head, by decision",
+                ),
+            )?,
+            handshakes: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_outbound_tls_handshakes_total",
+                    "mTLS handshakes originated to routed servers, by result",
+                ),
+                &["result"],
+            )?,
+            upstream_errors: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_outbound_upstream_errors_total",
+                    "Failures reaching routed servers, by kind",
+                ),
+                &["kind"],
+            )?,
+            circuit_state: IntGaugeVec::new(
+                Opts::new(
+                    "portcullis_outbound_circuit_state",
+                    "Per-route circuit breaker: 0 closed, 1 open, 2 half-open",
+                ),
+                &["route"],
+            )?,
+        };
+        m.requests.register(registry)?;
+        registry.register(Box::new(m.handshakes.clone()))?;
+        registry.register(Box::new(m.upstream_errors.clone()))?;
+        registry.register(Box::new(m.circuit_state.clone()))?;
+        precreate(&m.handshakes, &["ok", "wrong_server_id"]);
+        precreate(&m.handshakes, HANDSHAKE_FAILURES);
+        precreate(
+            &m.upstream_errors,
+            &[
+                "resolve",
+                "connect",
+                "timeout",
+                "protocol",
+                "refused",
+                "circuit_open",
+            ],
+        );
+        Ok(m)
+    }
+}
+
+/// Handshake results both directions share (`tls::HandshakeFailure`
+/// labels, and the handshake timeout).
+const HANDSHAKE_FAILURES: &[&str] = &[
+    "untrusted_chain",
+    "bad_svid",
+    "wrong_trust_domain",
+    "expired",
+    "protocol_error",
+    "timeout",
+];
+
+/// Families with labels appear in the exposition only once a child exists;
+/// pre-creating the fixed sets lets dashboards and alerts see zeros rather
+/// than absent series.
+fn precreate(family: &IntCounterVec, values: &[&str]) {
+    for value in values {
+        family.with_label_values(&[*value]);
+    }
+}
+
+/// A request counter by decision and status class, with its duration
+/// histogram by decision: the same pair for each direction.
+#[derive(Clone)]
+pub struct Requests {
+    total: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl Requests {
+    /// `(name, help)` of the counter, then of the histogram.
+    fn new(total: (&str, &str), duration: (&str, &str)) -> Result<Requests, Error> {
+        Ok(Requests {
+            total: IntCounterVec::new(Opts::new(total.0, total.1), &["decision", "status"])?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(duration.0, duration.1).buckets(LATENCY_BUCKETS.to_vec()),
+                &["decision"],
+            )?,
+        })
+    }
+
+    fn register(&self, registry: &Registry) -> Result<(), Error> {
+        registry.register(Box::new(self.total.clone()))?;
+        registry.register(Box::new(self.duration.clone()))
+    }
+
+    pub fn record(&self, decision: &str, status: u16, seconds: f64) {
+        self.total
             .with_label_values(&[decision, status_class(status)])
             .inc();
-        self.request_duration
+        self.duration
             .with_label_values(&[decision])
             .observe(seconds);
     }

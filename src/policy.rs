@@ -87,6 +87,9 @@ pub struct PolicySnapshot {
     pub loaded_at: SystemTime,
     /// The rule whose value is the decision, e.g. `data.portcullis.authz.allow`.
     pub query: String,
+    /// The rule that decides outbound requests; `None` allows every routed
+    /// one.
+    pub egress_query: Option<String>,
     eval_timeout: Duration,
     /// `"rvm"` or `"interpreter"`: which engine decides requests.
     pub evaluator: &'static str,
@@ -159,6 +162,7 @@ impl PolicySnapshot {
             files: sources.files.into_iter().map(|f| f.name).collect(),
             loaded_at: SystemTime::now(),
             query: query.to_owned(),
+            egress_query: None,
             eval_timeout,
             evaluator: if choice.rvm.is_some() {
                 "rvm"
@@ -171,18 +175,52 @@ impl PolicySnapshot {
         })
     }
 
+    /// Adds the outbound decision rule, refused like `query` when the set
+    /// does not define it, so a reload cannot silently drop it.
+    pub fn with_egress_query(mut self, egress_query: Option<&str>) -> Result<Self, Error> {
+        let Some(query) = egress_query else {
+            return Ok(self);
+        };
+        if !rules_by_module(&mut self.engine)
+            .iter()
+            .any(|r| r.path == query)
+        {
+            return Err(Error::UnknownQuery {
+                query: query.to_owned(),
+            });
+        }
+        self.egress_query = Some(query.to_owned());
+        Ok(self)
+    }
+
     /// Decides one request. Errors (including timeouts) are the caller's to
     /// turn into a deny: this layer never guesses a decision.
     pub fn evaluate(&self, input: Value) -> Result<Decision, Error> {
-        let value = match &self.rvm {
-            Some(rvm) => rvm.eval(input),
-            None => {
-                let mut engine = self.engine.clone();
-                engine.set_input(input);
-                engine.eval_rule(self.query.clone())
+        match &self.rvm {
+            Some(rvm) => {
+                let value = rvm
+                    .eval(input)
+                    .map_err(|e| eval_error(e, self.eval_timeout))?;
+                Decision::from_value(&value)
             }
+            None => self.evaluate_rule(&self.query, input),
         }
-        .map_err(|e| eval_error(e, self.eval_timeout))?;
+    }
+
+    /// Decides one outbound request with `egress_query`; `None` when none
+    /// is configured (every routed request is allowed).
+    pub fn evaluate_egress(&self, input: Value) -> Option<Result<Decision, Error>> {
+        let query = self.egress_query.as_deref()?;
+        Some(self.evaluate_rule(query, input))
+    }
+
+    /// On the interpreter: the RVM is only proven for `query`.
+    fn evaluate_rule(&self, query: &str, input: Value) -> Result<Decision, Error> {
+        let mut engine = self.engine.clone();
+        engine.set_input(input);
+        let value = engine
+            .eval_rule(query.to_owned())
+            .map_err(|e| eval_error(e, self.eval_timeout))?;
         Decision::from_value(&value)
     }
 }

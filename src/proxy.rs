@@ -8,7 +8,7 @@
 //! audit record and one `portcullis_requests_total` increment.
 
 pub mod body;
-mod breaker;
+pub(crate) mod breaker;
 mod framing;
 pub mod path;
 
@@ -26,6 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -45,7 +46,7 @@ pub type Body = Either<Incoming, Full<Bytes>>;
 /// may set them: whatever the caller sent under these names is removed.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub const X_SPIFFE_ID: HeaderName = HeaderName::from_static("x-spiffe-id");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Connection-level headers (RFC 9110 7.6.1) that must not be forwarded.
@@ -260,16 +261,7 @@ async fn handle_connection(
                 .unwrap_or(u32::MAX),
         );
     let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = drain.signaled() => {
-            // Finish the requests in hand, refuse new ones, then close.
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
+    if let Err(e) = until_drained(conn, &drain).await {
         // hyper reports its header-read timeout (slowloris) as a timeout
         // error; the connection is already closed.
         let timed_out = e
@@ -284,6 +276,31 @@ async fn handle_connection(
             tracing::info!(peer = %peer_addr, "closed a connection that did not send its request head in time");
         } else {
             tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Serves one connection to its end; once draining starts, it finishes the
+/// requests in hand, refuses new ones, then closes.
+pub(crate) async fn until_drained<I, S, B>(
+    conn: auto::Connection<'_, I, S, TokioExecutor>,
+    drain: &drain::Watch,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
     }
 }
@@ -330,25 +347,10 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         headers: Some(shared.audit.header_policy().redact(req.headers())),
     });
     let Some(mut record) = shared.audit.reserve(event) else {
-        // Serving without a record would break the audit promise
-        // (audit.on_full = "fail_closed").
-        let why = if shared.audit.is_failing() {
-            "the audit trail cannot be written; request refused"
-        } else {
-            "the audit trail is not keeping up; request refused"
-        };
-        tracing::error!(request_id, "{why}");
-        shared.audit.refused();
         shared
             .metrics
             .record_request("error", 503, started.elapsed().as_secs_f64());
-        return error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "audit_unavailable",
-            why,
-            &request_id,
-            None,
-        );
+        return refuse_unaudited(&shared.audit, &request_id);
     };
 
     let dry_run = shared.policy_mode == PolicyMode::DryRun;
@@ -391,13 +393,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     if let Err(why) = framing::check(&req) {
         let reason = format!("malformed request refused before policy: {why}");
         tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{reason}");
-        let resp = error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &reason,
-            &request_id,
-            None,
-        );
+        let resp = bad_request(&reason, &request_id);
         return finish(record, "deny", false, reason, resp);
     }
 
@@ -406,13 +402,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Err(e) => {
             let reason = format!("request path refused before policy: {e}");
             tracing::info!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
-            let resp = error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &reason,
-                &request_id,
-                None,
-            );
+            let resp = bad_request(&reason, &request_id);
             return finish(record, "deny", false, reason, resp);
         }
     };
@@ -538,13 +528,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                 Decision::default()
             } else {
                 tracing::error!(request_id, peer = %ctx.peer.spiffe_id, "{}", audit::redact_pans(&reason));
-                let resp = error_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "policy_error",
-                    &reason,
-                    &request_id,
-                    Some(&policy.revision),
-                );
+                let resp = policy_error(&reason, &request_id, &policy.revision);
                 return finish(record, "error", false, reason, resp);
             }
         }
@@ -580,11 +564,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             );
             // A policy may choose the status (a redirect included, as
             // OPA-Envoy allows), but never a success: nothing was served.
-            let status = decision
-                .http_status
-                .and_then(|s| StatusCode::from_u16(s).ok())
-                .filter(|s| s.is_redirection() || s.is_client_error() || s.is_server_error())
-                .unwrap_or(StatusCode::FORBIDDEN);
+            let status = denial_status(decision.http_status);
             let mut resp = match &decision.body {
                 Some(body) => policy_body_response(status, body, &request_id),
                 None => error_response(
@@ -637,22 +617,10 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    parts.uri = match Uri::builder()
-        .scheme("http")
-        .authority(shared.upstream.authority.clone())
-        .path_and_query(target)
-        .build()
-    {
+    parts.uri = match upstream_uri("http", shared.upstream.authority.as_str(), target) {
         Ok(uri) => uri,
-        Err(e) => {
-            let reason = format!("cannot build the upstream URI: {e}");
-            let resp = error_response(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                &reason,
-                &request_id,
-                None,
-            );
+        Err(reason) => {
+            let resp = bad_request(&reason, &request_id);
             return finish(record, "deny", false, reason, resp);
         }
     };
@@ -830,7 +798,7 @@ fn add_policy_headers(headers: &mut HeaderMap, policy_headers: &[(String, String
     }
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -861,6 +829,68 @@ fn policy_body_response(status: StatusCode, body: &str, request_id: &str) -> Res
     resp
 }
 
+/// Answers a request that could not reserve its audit record: serving
+/// without one would break the audit promise (`audit.on_full =
+/// "fail_closed"`).
+pub(crate) fn refuse_unaudited(audit: &AuditSink, request_id: &str) -> Response<Body> {
+    let why = if audit.is_failing() {
+        "the audit trail cannot be written; request refused"
+    } else {
+        "the audit trail is not keeping up; request refused"
+    };
+    tracing::error!(request_id, "{why}");
+    audit.refused();
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "audit_unavailable",
+        why,
+        request_id,
+        None,
+    )
+}
+
+/// The status of a policy denial: the policy may choose one (a redirect
+/// included, as OPA-Envoy allows), but never a success, since nothing was
+/// served.
+pub(crate) fn denial_status(chosen: Option<u16>) -> StatusCode {
+    chosen
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .filter(|s| s.is_redirection() || s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::FORBIDDEN)
+}
+
+/// `scheme://authority/target`, the absolute URI the pooled client needs;
+/// the error is the refusal reason.
+pub(crate) fn upstream_uri(scheme: &str, authority: &str, target: String) -> Result<Uri, String> {
+    Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(target)
+        .build()
+        .map_err(|e| format!("cannot build the upstream URI: {e}"))
+}
+
+/// Policy evaluation failed: fail closed, naming the revision.
+pub(crate) fn policy_error(reason: &str, request_id: &str, revision: &str) -> Response<Body> {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "policy_error",
+        reason,
+        request_id,
+        Some(revision),
+    )
+}
+
+pub(crate) fn bad_request(reason: &str, request_id: &str) -> Response<Body> {
+    error_response(
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+        reason,
+        request_id,
+        None,
+    )
+}
+
 pub fn error_response(
     status: StatusCode,
     error: &str,
@@ -876,6 +906,15 @@ pub fn error_response(
     if let Some(rev) = policy_revision {
         body["policy_revision"] = rev.into();
     }
+    json_response(status, body, request_id)
+}
+
+/// A JSON body with the request id in `x-request-id`.
+pub(crate) fn json_response(
+    status: StatusCode,
+    body: serde_json::Value,
+    request_id: &str,
+) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body.to_string()))));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
@@ -888,7 +927,7 @@ pub fn error_response(
     resp
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

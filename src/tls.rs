@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::identity::{SpiffeId, SpiffeIdError};
 
-pub use verifier::{verify_svid, SvidClientVerifier, SvidError, SvidUsage};
+pub use verifier::{verify_svid, SvidClientVerifier, SvidError, SvidServerVerifier, SvidUsage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -262,6 +262,32 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The sidecar's outbound TLS config: presents the own SVID and accepts a
+/// server only with a valid X.509-SVID from the bundle of its own trust
+/// domain; which SPIFFE ID is acceptable is the route's to check.
+pub fn origination_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    bundles: Arc<TrustBundles>,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    keys_match(&chain, &key)?;
+    if bundles.is_empty() {
+        return Err(Error::NoAnchors);
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SvidServerVerifier::new(bundles)))
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // A resumed session re-verifies neither side's certificate: the server
+    // would keep seeing a rotated-out SVID, and a route would trust a
+    // ticket instead of a chain. Every connection does a full handshake;
+    // pooling keeps that rare.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
 /// A client config presenting `chain` and verifying servers by name against
 /// every anchor in `bundles` (used by the demo and integration tests).
 pub fn client_config(
@@ -301,7 +327,18 @@ pub struct PeerIdentity {
 
 /// Only meaningful after a successful handshake through [`SvidClientVerifier`].
 pub fn peer_identity(conn: &rustls::ServerConnection) -> Option<PeerIdentity> {
-    let leaf = conn.peer_certificates()?.first()?;
+    leaf_identity(conn.peer_certificates()?)
+}
+
+/// The verified identity of the server of an established outbound
+/// connection; only meaningful after a handshake through
+/// [`SvidServerVerifier`].
+pub fn server_identity(conn: &rustls::ClientConnection) -> Option<PeerIdentity> {
+    leaf_identity(conn.peer_certificates()?)
+}
+
+fn leaf_identity(chain: &[CertificateDer<'_>]) -> Option<PeerIdentity> {
+    let leaf = chain.first()?;
     Some(PeerIdentity {
         spiffe_id: verifier::leaf_spiffe_id(leaf)?,
         leaf_sha256: hex::encode(Sha256::digest(leaf.as_ref())),
@@ -524,6 +561,74 @@ mod tests {
         let (failure, msg) = classify_handshake_error(&server.unwrap_err());
         assert_eq!(failure, HandshakeFailure::BadSvid, "{msg}");
         assert!(msg.contains("2 URI SANs"), "{msg}");
+    }
+
+    /// Originates one connection to a server presenting `server`; returns
+    /// the server identity, or how the client refused it.
+    async fn originate(
+        p: &Pki,
+        server: &Issued,
+    ) -> Result<PeerIdentity, (HandshakeFailure, String)> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = server_config(server.chain(), server.key_der(), p.bundles.clone()).unwrap();
+        tokio::spawn(serve_once(listener, config));
+        let own =
+            p.ca.issue(&LeafSpec::svid("spiffe://pay.example/ns/shop/sa/checkout"))
+                .unwrap();
+        let client = origination_config(own.chain(), own.key_der(), p.bundles.clone()).unwrap();
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        // Deliberately a name the certificate does not carry: SVIDs are
+        // verified by SPIFFE ID, never by DNS name.
+        let name = ServerName::try_from("not-in-the-cert.example").unwrap();
+        match tokio_rustls::TlsConnector::from(client)
+            .connect(name, tcp)
+            .await
+        {
+            Ok(tls) => Ok(server_identity(tls.get_ref().1).unwrap()),
+            Err(e) => Err(classify_handshake_error(&e)),
+        }
+    }
+
+    #[tokio::test]
+    async fn origination_verifies_the_server_svid_by_id_for_server_auth() {
+        let p = pki();
+        let ok = originate(&p, &p.server).await.unwrap();
+        assert_eq!(
+            ok.spiffe_id.as_str(),
+            "spiffe://pay.example/ns/pay/sa/payments"
+        );
+
+        let mut client_only = LeafSpec::svid("spiffe://pay.example/ns/pay/sa/payments");
+        client_only.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let server = p.ca.issue(&client_only).unwrap();
+        let (failure, msg) = originate(&p, &server).await.unwrap_err();
+        assert_eq!(failure, HandshakeFailure::BadSvid, "{msg}");
+        assert!(msg.contains("serverAuth"), "{msg}");
+
+        let mut two_ids = LeafSpec::svid("spiffe://pay.example/ns/pay/sa/payments");
+        two_ids
+            .uris
+            .push("spiffe://pay.example/ns/ledger/sa/ledger".into());
+        let server = p.ca.issue(&two_ids).unwrap();
+        let (failure, msg) = originate(&p, &server).await.unwrap_err();
+        assert_eq!(failure, HandshakeFailure::BadSvid, "{msg}");
+    }
+
+    #[test]
+    fn origination_offers_h2_and_never_resumes() {
+        let p = pki();
+        let cfg = origination_config(p.server.chain(), p.server.key_der(), p.bundles).unwrap();
+        assert_eq!(
+            cfg.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        // rustls keeps these fields private; its Debug output shows them.
+        let resumption = format!("{:?}", cfg.resumption);
+        assert!(
+            resumption.contains("NoClientSessionStorage") && resumption.contains("Disabled"),
+            "{resumption}"
+        );
     }
 
     #[test]

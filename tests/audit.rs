@@ -420,13 +420,6 @@ async fn chain_continues_across_a_sidecar_restart() {
     assert_eq!(requests(&events).len(), 2);
 }
 
-fn schema() -> jsonschema::Validator {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/audit-event.schema.json");
-    let schema: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    jsonschema::validator_for(&schema).unwrap()
-}
-
 #[tokio::test]
 async fn every_emitted_line_matches_the_json_schema() {
     let validator = schema();

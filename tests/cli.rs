@@ -24,6 +24,17 @@ async fn portcullis(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `certs dev` into `dir/certs`, returned.
+async fn dev_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    assert!(
+        portcullis(&["certs", "dev", "--out", certs.to_str().unwrap()])
+            .await
+            .0
+    );
+    certs
+}
+
 fn write_config(dir: &Path, certs: &Path, upstream: &str, extra: &str) -> PathBuf {
     let path = dir.join("portcullis.toml");
     std::fs::write(
@@ -243,12 +254,7 @@ async fn curl_with_client_certificates_against_the_running_binary() {
 #[tokio::test]
 async fn config_check_names_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = dir.path().join("certs");
-    assert!(
-        portcullis(&["certs", "dev", "--out", certs.to_str().unwrap()])
-            .await
-            .0
-    );
+    let certs = dev_certs(dir.path()).await;
     let cfg = |extra: &str, upstream: &str| write_config(dir.path(), &certs, upstream, extra);
     let check = |path: PathBuf| async move {
         portcullis(&["config", "check", "--config", path.to_str().unwrap()]).await
@@ -298,6 +304,45 @@ async fn config_check_names_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("inbound.upstream") && err.contains("loopback"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn config_check_reports_outbound_and_names_a_bad_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dev_certs(dir.path()).await;
+    let path = write_config(dir.path(), &certs, "http://127.0.0.1:8080", "");
+    let base = std::fs::read_to_string(&path).unwrap();
+    let check = |outbound: String| {
+        std::fs::write(&path, format!("{base}{outbound}")).unwrap();
+        let path = path.clone();
+        async move { portcullis(&["config", "check", "--config", path.to_str().unwrap()]).await }
+    };
+    let route = r#"
+[[outbound.route]]
+host = "ledger.pay.svc"
+address = "127.0.0.1:15443"
+server_id = "spiffe://pay.example/ns/ledger/sa/ledger"
+"#;
+    let (ok, out, err) = check(format!("[outbound]\nlisten = \"127.0.0.1:15001\"\n{route}")).await;
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("outbound on 127.0.0.1:15001 with 1 route(s)"),
+        "{out}"
+    );
+
+    let (ok, _, err) = check(format!("[outbound]\nlisten = \"0.0.0.0:15001\"\n{route}")).await;
+    assert!(
+        !ok && err.contains("outbound.listen") && err.contains("loopback"),
+        "{err}"
+    );
+
+    let bad = route.replace("server_id", "server_id_prefix");
+    let (ok, _, err) = check(bad).await;
+    assert!(
+        !ok && err.contains(r#"outbound.route[0] (host "ledger.pay.svc")"#)
+            && err.contains("server_id_prefix"),
         "{err}"
     );
 }

@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 pub struct Options {
     pub dir: PathBuf,
     pub query: String,
+    pub egress_query: Option<String>,
     pub eval_timeout: Duration,
     pub require_tests_pass: bool,
     pub evaluator: super::EvaluatorMode,
@@ -94,7 +95,8 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
         opts.eval_timeout,
         opts.require_tests_pass,
         opts.evaluator,
-    );
+    )
+    .and_then(|s| s.with_egress_query(opts.egress_query.as_deref()));
     let current = targets.policy.load_full();
     match loaded {
         Ok(snapshot) if snapshot.revision == current.revision => Outcome::Unchanged,
@@ -205,6 +207,7 @@ mod tests {
         let opts = Options {
             dir: dir.to_owned(),
             query: "data.t.allow".into(),
+            egress_query: None,
             eval_timeout: Duration::from_secs(1),
             require_tests_pass: true,
             evaluator: super::super::EvaluatorMode::Auto,

@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -291,6 +291,44 @@ pub(super) fn leaf_spiffe_id(leaf: &CertificateDer<'_>) -> Option<SpiffeId> {
     spiffe_id_of(&parse_leaf(leaf).ok()?).ok()
 }
 
+/// The handshake signature checks, identical for both verifiers: webpki's,
+/// with the algorithms of the one crypto provider (`self.algs`).
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.algs.supported_schemes()
+        }
+    };
+}
+
+/// Wrapped as `Other` so classify_handshake_error can recover the exact
+/// cause from the io::Error that tokio-rustls hands back.
+fn rejected(end_entity: &CertificateDer<'_>, error: SvidError) -> rustls::Error {
+    let rejected = Rejected {
+        presented: leaf_spiffe_id(end_entity),
+        error,
+    };
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(rejected))))
+}
+
 /// A rustls client-certificate verifier that admits only valid X.509-SVIDs.
 #[derive(Debug)]
 pub struct SvidClientVerifier {
@@ -339,40 +377,53 @@ impl ClientCertVerifier for SvidClientVerifier {
             self.algs,
         )
         .map(|_| ClientCertVerified::assertion())
-        // Wrapped as `Other` so classify_handshake_error can recover the exact
-        // cause from the io::Error that tokio-rustls hands back.
-        .map_err(|error| {
-            let rejected = Rejected {
-                presented: leaf_spiffe_id(end_entity),
-                error,
-            };
-            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-                rejected,
-            ))))
-        })
+        .map_err(|error| rejected(end_entity, error))
     }
 
-    fn verify_tls12_signature(
+    signature_checks!();
+}
+
+/// A rustls server-certificate verifier for mTLS origination: the same
+/// X.509-SVID rules as [`SvidClientVerifier`], for serverAuth. The server
+/// name is deliberately ignored: an SVID names a workload by its SPIFFE ID,
+/// which the caller matches against its route after the handshake.
+#[derive(Debug)]
+pub struct SvidServerVerifier {
+    bundles: Arc<TrustBundles>,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SvidServerVerifier {
+    pub fn new(bundles: Arc<TrustBundles>) -> Self {
+        SvidServerVerifier {
+            bundles,
+            algs: crypto_provider().signature_verification_algorithms,
+        }
+    }
+}
+
+impl ServerCertVerifier for SvidServerVerifier {
+    fn verify_server_cert(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        verify_parts(
+            end_entity,
+            intermediates,
+            &self.bundles,
+            now,
+            SvidUsage::Server,
+            self.algs,
+        )
+        .map(|_| ServerCertVerified::assertion())
+        .map_err(|error| rejected(end_entity, error))
     }
 
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algs.supported_schemes()
-    }
+    signature_checks!();
 }
 
 #[cfg(test)]

@@ -283,3 +283,11 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The published audit event schema, which every emitted line must match.
+pub fn schema() -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/audit-event.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap()
+}
