@@ -233,24 +233,30 @@ async fn broken_set_is_refused_and_the_last_good_one_stays() {
     assert_eq!(r.status, 200);
     assert_eq!(h.service.received()[1].headers["x-policy-generation"], "1b");
 
+    // Two refusals at least; a loaded machine may also catch the in-place
+    // write half done, which is refused and counted like any other. Every
+    // refusal is both counted and audited.
     let metrics = h.scrape().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            r#"portcullis_policy_reloads_total{result="error"}"#
-        ),
-        2.0
+    let errors = sample(
+        &metrics,
+        r#"portcullis_policy_reloads_total{result="error"}"#,
     );
+    assert!(errors >= 2.0, "{errors}");
     let events = h.stop().await;
     let rejected: Vec<_> = events
         .iter()
         .filter(|e| e["kind"] == "policy_rejected")
         .collect();
-    assert_eq!(rejected.len(), 2, "{events:#?}");
-    assert!(rejected[0]["detail"]
-        .as_str()
-        .unwrap()
-        .contains("authz.rego:6:"));
+    assert_eq!(rejected.len() as f64, errors, "{events:#?}");
+    let detail = |e: &&serde_json::Value| e["detail"].as_str().unwrap().to_owned();
+    assert!(rejected
+        .iter()
+        .map(detail)
+        .any(|d| d.contains("authz.rego:6:")));
+    assert!(rejected
+        .iter()
+        .map(detail)
+        .any(|d| d.contains("test_checkout_allowed")));
 }
 
 #[tokio::test]
