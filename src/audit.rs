@@ -309,12 +309,7 @@ pub fn config_revision(config: &config::Config) -> String {
 
 /// RFC 3339 UTC with milliseconds, the form OPA and log pipelines expect.
 pub fn timestamp(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    let format = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    t.format(&format)
-        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+    crate::rfc3339::millis(t)
 }
 
 /// Reads an HMAC key file: the bytes as they are, less a trailing newline

@@ -18,5 +18,6 @@ pub mod outbound;
 pub mod policy;
 pub mod proxy;
 pub mod ratelimit;
+pub mod rfc3339;
 pub mod tls;
 pub mod watch;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use regorus::Value;
 
@@ -72,7 +72,10 @@ pub fn build_input(f: &RequestFacts) -> Value {
         ),
         (
             "request",
-            object([("time", rfc3339_millis(f.time).into()), ("http", http)]),
+            object([
+                ("time", crate::rfc3339::millis(f.time).into()),
+                ("http", http),
+            ]),
         ),
     ]);
 
@@ -206,29 +209,11 @@ fn form(bytes: &[u8]) -> Value {
     )
 }
 
-fn rfc3339_millis(t: SystemTime) -> String {
-    const FORMAT: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
-    );
-    // The clock, not the request, supplies `t`; a clock before 1970 or past
-    // year 9999 is not worth a panic, so it degrades to the epoch.
-    let nanos = t
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let dt = i128::try_from(nanos)
-        .ok()
-        .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(n).ok())
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    dt.format(FORMAT)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_owned())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::{HeaderMap, HeaderName, HeaderValue};
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn facts<'a>(
         path: &'a str,
@@ -410,18 +395,5 @@ mod tests {
         let j = serde_json::to_value(&input).unwrap();
         assert!(j.get("parsed_body").is_none());
         assert_eq!(j["truncated_body"], true);
-    }
-
-    #[test]
-    fn time_format() {
-        assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            rfc3339_millis(UNIX_EPOCH + Duration::new(1_795_600_800, 999_999_999)),
-            "2026-11-25T10:00:00.999Z"
-        );
-        assert_eq!(
-            rfc3339_millis(UNIX_EPOCH - Duration::from_secs(1)),
-            "1970-01-01T00:00:00.000Z"
-        );
     }
 }
