@@ -26,6 +26,14 @@ impl ProcTree {
         }
     }
 
+    /// `pid` alone: the bench process, whose children are the targets.
+    pub fn single(pid: u32) -> ProcTree {
+        ProcTree {
+            pids: vec![pid],
+            tick: clock_tick(),
+        }
+    }
+
     /// How many processes: nginx is ready once its workers exist.
     pub fn count(&self) -> usize {
         self.pids.len()

@@ -90,11 +90,20 @@ pub fn markdown(options: &Options, machine: &Machine, targets: &[Target], r: &Re
             machine.peers.join(", ")
         },
     );
+    let offered: Vec<String> = r
+        .offered
+        .iter()
+        .map(|(mode, rate)| format!("{} at {rate:.0} requests/s", mode_name(*mode)))
+        .collect();
     let _ = writeln!(
         out,
         "{} round(s) of {:.1} s per target and mode, interleaved; {} keep-alive connections; \
-         open loop at {:.0} requests/s; {} new-connection loops.\n",
-        options.rounds, options.seconds, options.connections, r.rate, options.handshake_workers,
+         {}; {} new-connection loops.\n",
+        options.rounds,
+        options.seconds,
+        options.connections,
+        offered.join(", "),
+        options.handshake_workers,
     );
     out.push_str(&table(targets, r));
     out.push('\n');
@@ -106,14 +115,14 @@ pub fn markdown(options: &Options, machine: &Machine, targets: &[Target], r: &Re
 
 fn table(targets: &[Target], r: &Results) -> String {
     let mut out = String::from(
-        "| target | mode | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | idle RSS MB | peak RSS MB | errors |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| target | mode | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | generator CPU s / 10k req | idle RSS MB | peak RSS MB | errors |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for m in &r.measured {
         let t = &targets[m.target];
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
             t.name,
             mode_name(m.mode),
             median(&m.rates),
@@ -121,6 +130,7 @@ fn table(targets: &[Target], r: &Results) -> String {
             percentile_ms(m, 99.0),
             percentile_ms(m, 99.9),
             cpu_per_10k(m),
+            per_10k(m.generator_cpu, m),
             mb(t.idle_rss),
             mb(m.peak_rss),
             m.total.errors,
@@ -133,6 +143,7 @@ fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::KeepAlive => "keep-alive",
         Mode::OpenLoop => "open loop",
+        Mode::OpenLoopLight => "light open loop",
         Mode::NewConnections => "new conn",
     }
 }
@@ -146,13 +157,16 @@ fn ratios(targets: &[Target], r: &Results) -> String {
         (PORTCULLIS, AUDIT_OFF),
     ];
     type Metric = fn(&Measured) -> f64;
-    let rows: [(&str, Mode, Metric); 8] = [
+    let rows: [(&str, Mode, Metric); 9] = [
         ("keep-alive req/s", Mode::KeepAlive, |m| median(&m.rates)),
         ("keep-alive CPU / req", Mode::KeepAlive, cpu_per_10k),
         ("open-loop p50", Mode::OpenLoop, |m| percentile_ms(m, 50.0)),
         ("open-loop p99", Mode::OpenLoop, |m| percentile_ms(m, 99.0)),
         ("open-loop p99.9", Mode::OpenLoop, |m| {
             percentile_ms(m, 99.9)
+        }),
+        ("light open-loop p99", Mode::OpenLoopLight, |m| {
+            percentile_ms(m, 99.0)
         }),
         ("new connections/s", Mode::NewConnections, |m| {
             median(&m.rates)
@@ -259,7 +273,11 @@ fn percentile_ms(m: &Measured, q: f64) -> f64 {
 
 /// CPU seconds the target's processes used per 10,000 completed requests.
 fn cpu_per_10k(m: &Measured) -> f64 {
-    m.cpu.as_secs_f64() / (m.total.requests.max(1) as f64) * 10_000.0
+    per_10k(m.cpu, m)
+}
+
+fn per_10k(cpu: std::time::Duration, m: &Measured) -> f64 {
+    cpu.as_secs_f64() / (m.total.requests.max(1) as f64) * 10_000.0
 }
 
 fn mb(bytes: u64) -> f64 {
