@@ -29,6 +29,8 @@ const PATH: &str = "/v1/payments/pay_1001";
 /// keep the run going for as long as its backlog.
 const OPEN_LOOP_GRACE: Duration = Duration::from_secs(5);
 
+const IDLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What one measurement window produced.
 pub struct Sample {
     pub requests: u64,
@@ -236,6 +238,31 @@ pub async fn new_connections(client: &Client, workers: usize, duration: Duration
         })
     });
     collect(join_all(tasks).await, started)
+}
+
+/// Opens `n` keep-alive connections, `parallel` at a time, each making
+/// one request so the target has set up its per-connection HTTP state,
+/// and hands them back still open, with the count of those that failed.
+pub async fn idle_connections(client: &Client, n: usize, parallel: usize) -> (Vec<Sender>, u64) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let opened = join_all((0..n).map(|_| {
+        let permits = permits.clone();
+        async move {
+            let _permit = permits.acquire().await.expect("semaphore open");
+            // A target at its connection limit leaves new ones hanging in
+            // the accept queue: give up on those instead of waiting.
+            tokio::time::timeout(IDLE_CONNECT_TIMEOUT, async {
+                let mut sender = client.connect().await?;
+                Client::request(&mut sender).await?;
+                Ok::<_, Error>(sender)
+            })
+            .await
+        }
+    }))
+    .await;
+    let failed = opened.iter().filter(|o| !matches!(o, Ok(Ok(_)))).count() as u64;
+    let held = opened.into_iter().filter_map(|o| o.ok()?.ok()).collect();
+    (held, failed)
 }
 
 fn collect(results: Vec<Result<Sample, tokio::task::JoinError>>, started: Instant) -> Sample {

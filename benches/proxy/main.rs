@@ -7,7 +7,8 @@
 //! file; the same with audit on /dev/null; nginx and haproxy terminating
 //! mTLS, when installed. Modes: (a) closed-loop keep-alive throughput,
 //! (b) open-loop fixed-rate latency, at half of nginx's keep-alive rate
-//! and at half of Portcullis' own, (c) new connections, one request each.
+//! and at half of Portcullis' own, (c) new connections, one request each;
+//! then the memory each target holds per idle keep-alive connection.
 //! Runs on this machine drift a lot, so measurements of different targets
 //! are interleaved round by round and the report is ratios.
 //!
@@ -16,7 +17,8 @@
 //! makes a quick smoke run that never fails on speed. Options after `--`:
 //! `--quick`, `--seconds N`, `--rounds N`, `--connections N`,
 //! `--rate R` (open-loop requests/s; default half of nginx's keep-alive
-//! rate), `--out FILE`.
+//! rate), `--modes keep-alive,open,light,new` (a subset), `--idle N` (idle
+//! connections held for the memory measurement; 0 skips it), `--out FILE`.
 
 mod load;
 mod peers;
@@ -87,6 +89,11 @@ pub struct Options {
     /// Concurrent connect-request-close loops in mode (c).
     pub handshake_workers: usize,
     pub rate: Option<f64>,
+    /// Keep-alive connections held open at once to measure memory per
+    /// connection; 0 skips that measurement.
+    pub idle: usize,
+    /// The load modes to run, by their names in the report.
+    pub modes: Vec<Mode>,
     pub out: PathBuf,
 }
 
@@ -119,6 +126,19 @@ impl Options {
             connections: value("--connections").map_or(32, |c| c as usize),
             handshake_workers: 16,
             rate: value("--rate"),
+            // Not the 10,000: the open-file limit here is 20,000
+            // and haproxy needs two descriptors per connection.
+            idle: value("--idle").map_or(if quick { 100 } else { 9_000 }, |n| n as usize),
+            modes: match args.iter().position(|a| a == "--modes") {
+                Some(i) => {
+                    let names = args.get(i + 1).map_or("", String::as_str);
+                    Mode::ALL
+                        .into_iter()
+                        .filter(|m| names.split(',').any(|n| n == m.flag()))
+                        .collect()
+                }
+                None => Mode::ALL.to_vec(),
+            },
             out,
         }
     }
@@ -147,6 +167,16 @@ impl Mode {
         Mode::OpenLoopLight,
         Mode::NewConnections,
     ];
+
+    /// How `--modes` names it.
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::KeepAlive => "keep-alive",
+            Mode::OpenLoop => "open",
+            Mode::OpenLoopLight => "light",
+            Mode::NewConnections => "new",
+        }
+    }
 }
 
 /// One target in one mode, over all rounds.
@@ -165,8 +195,18 @@ pub struct Measured {
     pub peak_rss: u64,
 }
 
+/// Memory of one target holding many idle keep-alive connections.
+pub struct Idle {
+    pub target: usize,
+    pub held: usize,
+    pub failed: u64,
+    pub rss_before: u64,
+    pub rss_holding: u64,
+}
+
 pub struct Results {
     pub measured: Vec<Measured>,
+    pub idle: Vec<Idle>,
     /// The rate each open-loop mode offered every target.
     pub offered: Vec<(Mode, f64)>,
 }
@@ -187,7 +227,7 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
 
     let mut measured = Vec::new();
     let mut offered = Vec::new();
-    for mode in Mode::ALL {
+    for &mode in &options.modes {
         let rate = match mode {
             Mode::OpenLoop => options
                 .rate
@@ -246,7 +286,40 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
         }
         measured.extend(now);
     }
-    Results { measured, offered }
+    let mut idle = Vec::new();
+    if options.idle > 0 {
+        println!("idle connections: {} per target", options.idle);
+        for (target, client) in keep_alive.iter().enumerate() {
+            idle.push(hold_idle(options, &targets[target], target, client).await);
+        }
+    }
+    Results {
+        measured,
+        idle,
+        offered,
+    }
+}
+
+async fn hold_idle(options: &Options, target: &Target, index: usize, client: &Client) -> Idle {
+    let rss_before = target.procs.rss();
+    let (held, failed) = load::idle_connections(client, options.idle, 64).await;
+    // Let the target finish whatever the last requests started.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_holding = target.procs.rss();
+    println!(
+        "  {:<22} {} held, {failed} failed, RSS {:.1} -> {:.1} MB",
+        target.name,
+        held.len(),
+        rss_before as f64 / 1048576.0,
+        rss_holding as f64 / 1048576.0
+    );
+    Idle {
+        target: index,
+        held: held.len(),
+        failed,
+        rss_before,
+        rss_holding,
+    }
 }
 
 async fn measure(
