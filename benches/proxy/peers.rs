@@ -1,0 +1,142 @@
+//! The proxies a user would pick instead, each terminating mTLS with the
+//! same dev certificates and forwarding to the same upstream, tuned the
+//! way /work/shared/PEERS.md says a competent operator would: two workers
+//! (the machine has two cores), pooled keep-alive upstream connections, no
+//! access log (Portcullis' audit trail is its own extra work, measured
+//! separately as audit on vs off).
+//!
+//! A peer that is not installed is skipped with a message; `scripts/bench.sh`
+//! installs them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::targets::{find_exe, free_port, Certs, Target};
+
+pub fn nginx(dir: &Path, certs: &Certs, upstream: SocketAddr) -> Option<Target> {
+    let (exe, dir) = installed("nginx", dir)?;
+    let port = free_port();
+    // keepalive_requests: nginx closes a client connection after 1000
+    // requests by default; Portcullis never does, and a closed-loop run
+    // would otherwise measure reconnects.
+    let conf = format!(
+        r#"daemon off;
+master_process on;
+worker_processes 2;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 10000000;
+    upstream service {{
+        server {upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_client_certificate {bundle};
+        ssl_verify_client on;
+        ssl_verify_depth 2;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        location / {{
+            proxy_pass http://service;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"#,
+        dir = dir.display(),
+        cert = certs.server_cert.display(),
+        key = certs.server_key.display(),
+        bundle = certs.set.bundle.display(),
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    let child = Command::new(exe)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nginx");
+    // A master and two workers.
+    Target::started("nginx", child, SocketAddr::from(([127, 0, 0, 1], port)), 3)
+}
+
+pub fn haproxy(dir: &Path, certs: &Certs, upstream: SocketAddr) -> Option<Target> {
+    let (exe, dir) = installed("haproxy", dir)?;
+    // haproxy wants the chain and its key in one file.
+    let pem = dir.join("server.pem");
+    let mut both = std::fs::read(&certs.server_cert).expect("server cert");
+    both.extend(std::fs::read(&certs.server_key).expect("server key"));
+    std::fs::write(&pem, both).expect("write server.pem");
+    let port = free_port();
+    // maxconn: haproxy wants twice as many file descriptors as connections
+    // plus a few, and refuses to start above the process limit (20,000
+    // here); 9,900 still holds the idle-connection mode's 9,000.
+    let conf = format!(
+        r#"global
+    nbthread 2
+    maxconn 9900
+    tune.ssl.cachesize 20000
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    timeout http-keep-alive 30s
+
+frontend mtls
+    bind 127.0.0.1:{port} ssl crt {pem} ca-file {bundle} verify required alpn http/1.1
+    default_backend service
+
+backend service
+    http-reuse always
+    server up {upstream}
+"#,
+        pem = pem.display(),
+        bundle = certs.set.bundle.display(),
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, conf).expect("write haproxy.cfg");
+    let child = Command::new(exe)
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("haproxy.log")).expect("log"))
+        .spawn()
+        .expect("start haproxy");
+    Target::started(
+        "haproxy",
+        child,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        1,
+    )
+}
+
+/// The peer's executable and a fresh directory for its files, or `None`
+/// (said on stdout) when it is not installed.
+fn installed(name: &str, dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    let Some(exe) = find_exe(name) else {
+        println!("{name}: not installed, skipped (scripts/bench.sh installs it)");
+        return None;
+    };
+    let dir = dir.join(name);
+    std::fs::create_dir_all(&dir).expect("peer dir");
+    Some((exe, dir))
+}

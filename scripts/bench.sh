@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One command for the issue 7 benchmark: install the peers we compare
+# against when missing, then run `cargo bench --bench proxy`.
+#
+#   scripts/bench.sh                 # full run, ~6 minutes on 2 cores
+#   scripts/bench.sh --quick         # a few seconds per target
+#   scripts/bench.sh --rate 5000     # extra flags go to the bench
+#
+# The table is printed and written to target/bench/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if ! command -v sudo >/dev/null; then
+            echo "bench.sh: $* missing and not root; that peer will be skipped" >&2
+            return 0
+        fi
+        sudo="sudo"
+    fi
+    # Debian's postinst may start the service on port 80; the bench runs
+    # its own instance from a temporary config either way.
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" ||
+        echo "bench.sh: could not install $*; that peer will be skipped" >&2
+}
+
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+
+if ! have nginx; then
+    apt_install nginx-light || true
+    have nginx || apt_install nginx || true
+fi
+if ! have haproxy; then
+    apt_install haproxy || true
+fi
+
+exec cargo bench --bench proxy -- "$@"
