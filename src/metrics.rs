@@ -43,7 +43,7 @@ pub struct Metrics {
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
-    /// limit = header_bytes | body_bytes | header_timeout
+    /// limit = header_bytes | body_bytes | header_timeout | idle_timeout
     pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
@@ -129,7 +129,7 @@ impl Metrics {
             limits_exceeded: IntCounterVec::new(
                 Opts::new(
                     "portcullis_request_limits_exceeded_total",
-                    "Requests refused because they exceeded a size limit",
+                    "Requests refused, or connections closed, because they exceeded a limit",
                 ),
                 &["limit"],
             )?,
@@ -173,7 +173,12 @@ impl Metrics {
         ] {
             m.tls_handshakes.with_label_values(&[result]);
         }
-        for limit in ["header_bytes", "body_bytes", "header_timeout"] {
+        for limit in [
+            "header_bytes",
+            "body_bytes",
+            "header_timeout",
+            "idle_timeout",
+        ] {
             m.limits_exceeded.with_label_values(&[limit]);
         }
         for result in ["ok", "error"] {

@@ -253,6 +253,21 @@ pub fn kubelet_swap(root: &Path, generation: &str, files: &[(&str, &str)]) {
     std::fs::rename(&tmp, root.join("..data")).unwrap();
 }
 
+/// A fresh mTLS connection to `addr`, for tests that write raw bytes.
+pub async fn connect_tls(
+    addr: std::net::SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(client)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
 /// The certificate a brand-new connection to `addr` is served.
 pub async fn served_cert(addr: std::net::SocketAddr, client: Arc<rustls::ClientConfig>) -> Vec<u8> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
