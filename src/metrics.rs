@@ -43,7 +43,8 @@ pub struct Metrics {
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
-    /// limit = header_bytes | body_bytes | header_timeout | idle_timeout
+    /// limit = header_bytes | body_bytes | header_timeout | idle_timeout |
+    /// h2_reset_flood
     pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
@@ -178,6 +179,7 @@ impl Metrics {
             "body_bytes",
             "header_timeout",
             "idle_timeout",
+            "h2_reset_flood",
         ] {
             m.limits_exceeded.with_label_values(&[limit]);
         }

@@ -237,6 +237,7 @@ async fn handle_connection(
         own_id: identity.spiffe_id.clone(),
         protocol,
     });
+    let ctx_id = ctx.peer.spiffe_id.clone();
     let activity = activity::Activity::new(protocol == "HTTP/1.1");
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
@@ -302,8 +303,33 @@ async fn handle_connection(
         }
     };
     if let Err(e) = result {
-        tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        if is_h2_calm_down(e.as_ref()) {
+            shared
+                .metrics
+                .limits_exceeded
+                .with_label_values(&["h2_reset_flood"])
+                .inc();
+            tracing::warn!(peer = %peer_addr, spiffe_id = %ctx_id, "closed an HTTP/2 connection with GOAWAY: too many reset streams");
+        } else {
+            tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        }
     }
+}
+
+/// Whether the connection ended because h2 sent GOAWAY ENHANCE_YOUR_CALM
+/// of its own accord: too many streams reset by the peer before they were
+/// served (rapid reset) or by us for its errors.
+fn is_h2_calm_down(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && h2.is_library()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// How long an idle connection's graceful close may take before it is

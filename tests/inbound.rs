@@ -716,15 +716,7 @@ async fn slowloris_is_cut_off_without_hurting_a_good_client() {
         "{elapsed:?}"
     );
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
-    let metrics = h.running().metrics.clone();
-    eventually("slowloris counted", || {
-        metrics
-            .limits_exceeded
-            .with_label_values(&["header_timeout"])
-            .get()
-            == 1
-    })
-    .await;
+    limit_count_reaches(h.running(), "header_timeout", 1).await;
     assert_eq!(h.service.received().len(), 1);
 }
 

@@ -229,6 +229,12 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `portcullis_request_limits_exceeded_total{limit}` is `n`.
+pub async fn limit_count_reaches(running: &Running, limit: &str, n: u64) {
+    let counter = running.metrics.limits_exceeded.with_label_values(&[limit]);
+    eventually(&format!("{limit} counted {n} times"), || counter.get() == n).await;
+}
+
 pub fn requests(events: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     events.iter().filter(|e| e["kind"] == "request").collect()
 }
