@@ -421,14 +421,46 @@ const SCENARIOS: &[Scenario] = &[
 /// Runs the whole demo, printing as it goes. Every scenario's outcome is
 /// checked against what the shipped policy must decide, so the demo fails
 /// loudly (non-zero exit) if the sidecar misbehaves.
+/// What a sidecar needs around it to run on this machine alone: a dev
+/// trust domain and the shipped policy in a temporary directory, and the
+/// demo service as its upstream. The demo and the benchmarks start from it.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub set: DevSet,
+    pub policy_dir: std::path::PathBuf,
+    pub service: DemoService,
+}
+
+impl Sandbox {
+    pub async fn new() -> Result<Sandbox, Error> {
+        let dir = tempfile::tempdir().map_err(step("temp dir"))?;
+        let set = certs::write_dev_set(&dir.path().join("certs"), "pay.example")
+            .map_err(step("dev certificates"))?;
+        let policy_dir = dir.path().join("policies");
+        write_shipped_policy(&policy_dir).map_err(step("policy"))?;
+        let service = DemoService::start().await.map_err(step("demo service"))?;
+        Ok(Sandbox {
+            dir,
+            set,
+            policy_dir,
+            service,
+        })
+    }
+
+    /// The sidecar's config, with its audit trail at `audit`.
+    pub fn config(&self, audit: &Path) -> Config {
+        dev_config(&self.set, &self.policy_dir, self.service.addr, audit)
+    }
+}
+
 pub async fn run() -> Result<(), Error> {
-    let dir = tempfile::tempdir().map_err(step("temp dir"))?;
-    let set = certs::write_dev_set(&dir.path().join("certs"), "pay.example")
-        .map_err(step("dev certificates"))?;
-    let policy_dir = dir.path().join("policies");
-    write_shipped_policy(&policy_dir).map_err(step("policy"))?;
+    let Sandbox {
+        dir,
+        set,
+        policy_dir,
+        service,
+    } = Sandbox::new().await?;
     let audit_path = dir.path().join("audit.log");
-    let service = DemoService::start().await.map_err(step("demo service"))?;
     println!("== Portcullis demo ==");
     println!(
         "dev CA and SVIDs for trust domain pay.example in {}",
