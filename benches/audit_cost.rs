@@ -135,15 +135,10 @@ async fn writer_only(quick: bool) {
 async fn end_to_end(quick: bool) {
     let (runs, per_client) = if quick { (1, 100) } else { (5, 2_000) };
     let clients = 8;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let set = portcullis::certs::write_dev_set(&dir.path().join("certs"), "pay.example")
-        .expect("dev certs");
-    let policy_dir = dir.path().join("policies");
-    portcullis::demo::write_shipped_policy(&policy_dir).expect("policy");
-    let service = portcullis::demo::DemoService::start()
-        .await
-        .expect("service");
-    let client = portcullis::demo::client_for(&set, "checkout", &[b"http/1.1"]).expect("client");
+    let sandbox = portcullis::demo::Sandbox::new().await.expect("sandbox");
+    let dir = &sandbox.dir;
+    let client =
+        portcullis::demo::client_for(&sandbox.set, "checkout", &[b"http/1.1"]).expect("client");
     let mut rates = [0f64; 2];
     for run in 0..runs {
         for (i, target) in ["file", "/dev/null"].iter().enumerate() {
@@ -152,8 +147,7 @@ async fn end_to_end(quick: bool) {
             } else {
                 Path::new("/dev/null").to_owned()
             };
-            let mut config =
-                portcullis::demo::dev_config(&set, &policy_dir, service.addr, &audit_path);
+            let mut config = sandbox.config(&audit_path);
             config.policy.eval_timeout_ms = 10_000;
             let running = portcullis::app::start(config).await.expect("sidecar");
             let addr = running.inbound_addr;

@@ -190,7 +190,10 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             header_read_timeout: Duration::from_millis(config.inbound.header_read_timeout_ms),
             max_header_list_bytes: config.inbound.max_header_list_bytes,
             max_request_body_bytes: config.inbound.max_request_body_bytes,
+            idle_timeout: Duration::from_millis(config.inbound.idle_timeout_ms),
             h2_max_concurrent_streams: config.inbound.h2_max_concurrent_streams,
+            h2_max_pending_accept_reset_streams: config.inbound.h2_max_pending_accept_reset_streams,
+            h2_max_local_error_reset_streams: config.inbound.h2_max_local_error_reset_streams,
         },
     });
     let identity_health = Arc::new(identity::workload_api::SourceHealth::default());

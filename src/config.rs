@@ -61,7 +61,11 @@ pub struct Inbound {
     pub upstream: String,
     pub max_connections: usize,
     pub handshake_timeout_ms: u64,
+    /// From the first byte of an HTTP/1.1 request head to its end.
     pub header_read_timeout_ms: u64,
+    /// A connection with no request in flight for this long is closed
+    /// (HTTP/1.1 keep-alive between requests, HTTP/2 with no open stream).
+    pub idle_timeout_ms: u64,
     pub upstream_connect_timeout_ms: u64,
     pub upstream_timeout_ms: u64,
     /// Consecutive upstream transport failures that open the circuit.
@@ -74,6 +78,12 @@ pub struct Inbound {
     /// Larger request bodies get 413, counted while streaming.
     pub max_request_body_bytes: usize,
     pub h2_max_concurrent_streams: u32,
+    /// Streams opened and reset by the peer before they were served (the
+    /// rapid-reset attack, CVE-2023-44487): GOAWAY past this many.
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Streams reset by the server for the peer's errors: GOAWAY past this
+    /// many per connection.
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 impl Default for Inbound {
@@ -84,6 +94,7 @@ impl Default for Inbound {
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
             upstream_connect_timeout_ms: 1_000,
             upstream_timeout_ms: 15_000,
             breaker_failures: 5,
@@ -92,6 +103,9 @@ impl Default for Inbound {
             max_header_list_bytes: 64 * 1024,
             max_request_body_bytes: 10 * 1024 * 1024,
             h2_max_concurrent_streams: 100,
+            // hyper's own defaults, stated so that /config shows them.
+            h2_max_pending_accept_reset_streams: 20,
+            h2_max_local_error_reset_streams: 1024,
         }
     }
 }
@@ -327,6 +341,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "inbound.upstream",
     "inbound.max_connections",
     "inbound.drain_timeout_ms",
+    "inbound.idle_timeout_ms",
     "identity.trust_domain",
     "identity.cert",
     "identity.key",
@@ -411,6 +426,7 @@ impl Config {
                     .map_err(|e| invalid(format!("{value:?} is too large: {e}")))?
             }
             "inbound.drain_timeout_ms" => self.inbound.drain_timeout_ms = number(value)?,
+            "inbound.idle_timeout_ms" => self.inbound.idle_timeout_ms = number(value)?,
             "identity.trust_domain" => self.identity.trust_domain = value.into(),
             "identity.cert" => self.identity.cert = value.into(),
             "identity.key" => self.identity.key = value.into(),
@@ -470,6 +486,11 @@ impl Config {
             (
                 "inbound.header_read_timeout_ms",
                 self.inbound.header_read_timeout_ms,
+            ),
+            ("inbound.idle_timeout_ms", self.inbound.idle_timeout_ms),
+            (
+                "inbound.h2_max_concurrent_streams",
+                u64::from(self.inbound.h2_max_concurrent_streams),
             ),
             (
                 "inbound.upstream_connect_timeout_ms",
@@ -886,6 +907,19 @@ mod tests {
             c.set(key, value, "test").unwrap();
         }
         assert!(c.set("inbound.nope", "1", "test").is_err());
+    }
+
+    #[test]
+    fn idle_timeout_has_a_default_and_an_env_override() {
+        assert_eq!(Config::default().inbound.idle_timeout_ms, 60_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[inbound]\nidle_timeout_ms = 5000\n").unwrap();
+        let c = Config::load(&path, &|_| None, &[]).unwrap();
+        assert_eq!(c.inbound.idle_timeout_ms, 5000);
+        let env = |k: &str| (k == "PORTCULLIS_INBOUND_IDLE_TIMEOUT_MS").then(|| "750".to_string());
+        let c = Config::load(&path, &env, &[]).unwrap();
+        assert_eq!(c.inbound.idle_timeout_ms, 750);
     }
 
     #[test]

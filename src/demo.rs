@@ -81,12 +81,22 @@ impl DemoService {
         DemoService::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
     }
 
+    /// Answers like [`DemoService::start`] but keeps no log: a soak must
+    /// measure the sidecar's memory, not a list of every request.
+    pub async fn start_unrecorded() -> std::io::Result<DemoService> {
+        DemoService::bind(SocketAddr::from(([127, 0, 0, 1], 0)), false).await
+    }
+
     /// Binds `addr`: tests restart a "crashed" service on its old port.
     pub async fn start_on(addr: SocketAddr) -> std::io::Result<DemoService> {
+        DemoService::bind(addr, true).await
+    }
+
+    async fn bind(addr: SocketAddr, record: bool) -> std::io::Result<DemoService> {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Vec::new()));
-        let log = received.clone();
+        let log = record.then(|| received.clone());
         let task = tokio::spawn(async move {
             // Connections live in this set, so dropping the service (aborting
             // this task) kills them too, like a crashed process.
@@ -96,7 +106,9 @@ impl DemoService {
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                         let log = log.clone();
-                        async move { Ok::<_, std::convert::Infallible>(answer(req, &log).await) }
+                        async move {
+                            Ok::<_, std::convert::Infallible>(answer(req, log.as_deref()).await)
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), service)
@@ -122,7 +134,10 @@ impl Drop for DemoService {
     }
 }
 
-async fn answer(req: Request<Incoming>, log: &Mutex<Vec<Received>>) -> Response<Full<Bytes>> {
+async fn answer(
+    req: Request<Incoming>,
+    log: Option<&Mutex<Vec<Received>>>,
+) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -142,7 +157,7 @@ async fn answer(req: Request<Incoming>, log: &Mutex<Vec<Received>>) -> Response<
         "caller": caller,
         "status": "ok",
     });
-    if let Ok(mut log) = log.lock() {
+    if let Some(Ok(mut log)) = log.map(Mutex::lock) {
         log.push(Received {
             method: parts.method.to_string(),
             uri: parts.uri.to_string(),
@@ -421,14 +436,57 @@ const SCENARIOS: &[Scenario] = &[
 /// Runs the whole demo, printing as it goes. Every scenario's outcome is
 /// checked against what the shipped policy must decide, so the demo fails
 /// loudly (non-zero exit) if the sidecar misbehaves.
+/// What a sidecar needs around it to run on this machine alone: a dev
+/// trust domain and the shipped policy in a temporary directory, and the
+/// demo service as its upstream. The demo and the benchmarks start from it.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub set: DevSet,
+    pub policy_dir: std::path::PathBuf,
+    pub service: DemoService,
+}
+
+impl Sandbox {
+    pub async fn new() -> Result<Sandbox, Error> {
+        Sandbox::with_service(DemoService::start()).await
+    }
+
+    /// With a demo service that keeps no log of what it received.
+    pub async fn unrecorded() -> Result<Sandbox, Error> {
+        Sandbox::with_service(DemoService::start_unrecorded()).await
+    }
+
+    async fn with_service(
+        service: impl std::future::Future<Output = std::io::Result<DemoService>>,
+    ) -> Result<Sandbox, Error> {
+        let dir = tempfile::tempdir().map_err(step("temp dir"))?;
+        let set = certs::write_dev_set(&dir.path().join("certs"), "pay.example")
+            .map_err(step("dev certificates"))?;
+        let policy_dir = dir.path().join("policies");
+        write_shipped_policy(&policy_dir).map_err(step("policy"))?;
+        let service = service.await.map_err(step("demo service"))?;
+        Ok(Sandbox {
+            dir,
+            set,
+            policy_dir,
+            service,
+        })
+    }
+
+    /// The sidecar's config, with its audit trail at `audit`.
+    pub fn config(&self, audit: &Path) -> Config {
+        dev_config(&self.set, &self.policy_dir, self.service.addr, audit)
+    }
+}
+
 pub async fn run() -> Result<(), Error> {
-    let dir = tempfile::tempdir().map_err(step("temp dir"))?;
-    let set = certs::write_dev_set(&dir.path().join("certs"), "pay.example")
-        .map_err(step("dev certificates"))?;
-    let policy_dir = dir.path().join("policies");
-    write_shipped_policy(&policy_dir).map_err(step("policy"))?;
+    let Sandbox {
+        dir,
+        set,
+        policy_dir,
+        service,
+    } = Sandbox::new().await?;
     let audit_path = dir.path().join("audit.log");
-    let service = DemoService::start().await.map_err(step("demo service"))?;
     println!("== Portcullis demo ==");
     println!(
         "dev CA and SVIDs for trust domain pay.example in {}",

@@ -42,7 +42,8 @@ pub struct Metrics {
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
-    /// limit = header_bytes | body_bytes | header_timeout
+    /// limit = header_bytes | body_bytes | header_timeout | idle_timeout |
+    /// h2_reset_flood
     pub limits_exceeded: IntCounterVec,
     /// 0 closed, 1 open, 2 half-open.
     pub circuit_breaker_state: IntGauge,
@@ -139,7 +140,7 @@ impl Metrics {
             limits_exceeded: IntCounterVec::new(
                 Opts::new(
                     "portcullis_request_limits_exceeded_total",
-                    "Requests refused because they exceeded a size limit",
+                    "Requests refused, or connections closed, because they exceeded a limit",
                 ),
                 &["limit"],
             )?,
@@ -173,7 +174,13 @@ impl Metrics {
         // zeros rather than absent series.
         precreate(&m.tls_handshakes, &["ok", "no_client_cert"]);
         precreate(&m.tls_handshakes, HANDSHAKE_FAILURES);
-        for limit in ["header_bytes", "body_bytes", "header_timeout"] {
+        for limit in [
+            "header_bytes",
+            "body_bytes",
+            "header_timeout",
+            "idle_timeout",
+            "h2_reset_flood",
+        ] {
             m.limits_exceeded.with_label_values(&[limit]);
         }
         for result in ["ok", "error"] {
@@ -292,6 +299,14 @@ impl Requests {
     fn register(&self, registry: &Registry) -> Result<(), Error> {
         registry.register(Box::new(self.total.clone()))?;
         registry.register(Box::new(self.duration.clone()))
+    }
+
+    /// Requests counted so far with this decision and status class
+    /// (`"2xx"`...).
+    pub fn count(&self, decision: &str, status_class: &str) -> u64 {
+        self.total
+            .with_label_values(&[decision, status_class])
+            .get()
     }
 
     pub fn record(&self, decision: &str, status: u16, seconds: f64) {

@@ -7,6 +7,7 @@
 //! the upstream with the verified identity. Every branch ends in exactly one
 //! audit record and one `portcullis_requests_total` increment.
 
+mod activity;
 pub mod body;
 pub(crate) mod breaker;
 mod framing;
@@ -68,7 +69,15 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_header_list_bytes: usize,
     pub max_request_body_bytes: usize,
+    /// No request in flight for this long: the connection is closed.
+    pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
+    /// Streams a peer may open and reset before the server accepted them
+    /// (the HTTP/2 rapid-reset attack) before the connection gets GOAWAY.
+    pub h2_max_pending_accept_reset_streams: usize,
+    /// Streams the server may reset for a peer's protocol errors before
+    /// the connection gets GOAWAY.
+    pub h2_max_local_error_reset_streams: usize,
 }
 
 /// The local service, reached through a pooled keep-alive client.
@@ -229,51 +238,79 @@ async fn handle_connection(
         own_id: identity.spiffe_id.clone(),
         protocol,
     });
+    let ctx_id = ctx.peer.spiffe_id.clone();
+    let activity = activity::Activity::new(protocol == "HTTP/1.1");
     let svc_shared = shared.clone();
+    let svc_activity = activity.clone();
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(handle_request(req, &ctx, &shared).await) }
+        let in_flight = svc_activity.request_started();
+        async move {
+            let resp = handle_request(req, &ctx, &shared).await;
+            Ok::<_, Infallible>(resp.map(|body| activity::Tracked::new(body, in_flight)))
+        }
     });
 
+    let limits = &shared.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.limits.header_read_timeout)
+        // Our own timer (activity.rs) times heads: hyper's would also run
+        // between keep-alive requests and cut idle clients short.
+        .header_read_timeout(None)
         // hyper's own cap sits above ours so that an oversized head normally
         // reaches our counted 431; hyper answers 431 itself beyond it.
-        .max_buf_size(
-            shared
-                .limits
-                .max_header_list_bytes
-                .saturating_mul(2)
-                .max(8192),
-        );
+        .max_buf_size(limits.max_header_list_bytes.saturating_mul(2).max(8192));
     builder
         .http2()
         .timer(TokioTimer::new())
-        // hyper also bounds pending and locally-errored resets per
-        // connection (rapid-reset floods); its defaults stay in force.
-        .max_concurrent_streams(shared.limits.h2_max_concurrent_streams)
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
         .max_header_list_size(
-            u32::try_from(shared.limits.max_header_list_bytes.saturating_mul(2))
-                .unwrap_or(u32::MAX),
+            u32::try_from(limits.max_header_list_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
         );
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    if let Err(e) = until_drained(conn, &drain).await {
-        // hyper reports its header-read timeout (slowloris) as a timeout
-        // error; the connection is already closed.
-        let timed_out = e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(hyper::Error::is_timeout);
-        if timed_out {
+    let io = TokioIo::new(activity::Watched::new(stream, activity.clone()));
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = drain.signaled() => {
+            // Finish the requests in hand, refuse new ones, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+            let (label, why) = match expired {
+                activity::Expired::Idle => {
+                    // Nothing in flight: close_notify (HTTP/1.1) or GOAWAY
+                    // (HTTP/2), then the close; a peer that does not let
+                    // the shutdown finish is dropped after a grace period.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, conn.as_mut()).await;
+                    ("idle_timeout", "closed a connection idle for longer than the idle timeout")
+                }
+                // A slowloris gets no graceful close: its head would never
+                // end, so hyper would wait for it.
+                activity::Expired::HeaderRead => (
+                    "header_timeout",
+                    "closed a connection that did not send its request head in time",
+                ),
+            };
+            shared.metrics.limits_exceeded.with_label_values(&[label]).inc();
+            tracing::info!(peer = %peer_addr, "{why}");
+            return;
+        }
+    };
+    if let Err(e) = result {
+        if is_h2_calm_down(e.as_ref()) {
             shared
                 .metrics
                 .limits_exceeded
-                .with_label_values(&["header_timeout"])
+                .with_label_values(&["h2_reset_flood"])
                 .inc();
-            tracing::info!(peer = %peer_addr, "closed a connection that did not send its request head in time");
+            tracing::warn!(peer = %peer_addr, spiffe_id = %ctx_id, "closed an HTTP/2 connection with GOAWAY: too many reset streams");
         } else {
             tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
         }
@@ -304,6 +341,26 @@ where
         }
     }
 }
+
+/// Whether the connection ended because h2 sent GOAWAY ENHANCE_YOUR_CALM
+/// of its own accord: too many streams reset by the peer before they were
+/// served (rapid reset) or by us for its errors.
+fn is_h2_calm_down(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away()
+                && h2.is_library()
+                && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// How long an idle connection's graceful close may take before it is
+/// dropped.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 fn reject_handshake(
     shared: &Shared,

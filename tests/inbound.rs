@@ -722,15 +722,7 @@ async fn slowloris_is_cut_off_without_hurting_a_good_client() {
         "{elapsed:?}"
     );
     assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
-    let metrics = h.running().metrics.clone();
-    eventually("slowloris counted", || {
-        metrics
-            .limits_exceeded
-            .with_label_values(&["header_timeout"])
-            .get()
-            == 1
-    })
-    .await;
+    limit_count_reaches(h.running(), "header_timeout", 1).await;
     assert_eq!(h.service.received().len(), 1);
 }
 
@@ -762,4 +754,83 @@ async fn connection_limit_refuses_extra_connections_only() {
         .await
         .unwrap();
     assert_eq!(ok.status, 200);
+}
+
+/// Writes one keep-alive GET and reads its response head and
+/// Content-Length body; returns the status.
+async fn keep_alive_get<S>(tls: &mut S, path: &str) -> u16
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = tls.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("a Content-Length response");
+    while buf.len() < head_end + length {
+        let n = tls.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    head.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_and_active_ones_kept() {
+    use tokio::io::AsyncReadExt;
+    let h = Harness::start_with(&shipped_policy(), |c| {
+        c.inbound.idle_timeout_ms = 300;
+        // Far longer, so that only the idle timer can close these.
+        c.inbound.header_read_timeout_ms = 30_000;
+    })
+    .await;
+    let addr = h.running().inbound_addr;
+    let mut idle = connect_tls(addr, h.pki.client(CHECKOUT)).await;
+    let mut active = connect_tls(addr, h.pki.client(CHECKOUT)).await;
+    assert_eq!(keep_alive_get(&mut idle, "/v1/payments/p1").await, 200);
+    let went_idle = std::time::Instant::now();
+
+    // The active client keeps one connection busy for four idle periods.
+    let busy = tokio::spawn(async move {
+        for _ in 0..12 {
+            assert_eq!(keep_alive_get(&mut active, "/v1/payments/p1").await, 200);
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        active
+    });
+
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), idle.read(&mut buf))
+        .await
+        .expect("the idle connection was never closed");
+    assert_eq!(read.unwrap(), 0, "expected a clean EOF (close_notify)");
+    let waited = went_idle.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(250),
+        "{waited:?}"
+    );
+    let metrics = h.running().metrics.clone();
+    let closed = |limit: &str| metrics.limits_exceeded.with_label_values(&[limit]).get();
+    eventually("idle close counted", || closed("idle_timeout") == 1).await;
+
+    let mut active = busy.await.unwrap();
+    // Still open and served after 1.2 s of traffic at 100 ms gaps.
+    assert_eq!(keep_alive_get(&mut active, "/v1/payments/p1").await, 200);
+    assert_eq!(closed("idle_timeout"), 1);
+    assert_eq!(closed("header_timeout"), 0);
+    assert_eq!(h.service.received().len(), 14);
 }

@@ -229,6 +229,12 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until `portcullis_request_limits_exceeded_total{limit}` is `n`.
+pub async fn limit_count_reaches(running: &Running, limit: &str, n: u64) {
+    let counter = running.metrics.limits_exceeded.with_label_values(&[limit]);
+    eventually(&format!("{limit} counted {n} times"), || counter.get() == n).await;
+}
+
 pub fn requests(events: &[serde_json::Value]) -> Vec<&serde_json::Value> {
     events.iter().filter(|e| e["kind"] == "request").collect()
 }
@@ -251,6 +257,21 @@ pub fn kubelet_swap(root: &Path, generation: &str, files: &[(&str, &str)]) {
     let tmp = root.join("..data_tmp");
     symlink(format!("..{generation}"), &tmp).unwrap();
     std::fs::rename(&tmp, root.join("..data")).unwrap();
+}
+
+/// A fresh mTLS connection to `addr`, for tests that write raw bytes.
+pub async fn connect_tls(
+    addr: std::net::SocketAddr,
+    client: Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(client)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
 }
 
 /// The certificate a brand-new connection to `addr` is served.
