@@ -176,6 +176,14 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    // regorus builds `anyhow` errors on its evaluation path, and with
+    // RUST_BACKTRACE=1 (often left set while debugging) each one captures a
+    // stack trace: decisions ran ~40% slower in benches/policy_modes.rs.
+    // RUST_LIB_BACKTRACE governs only library-captured traces, so panics keep
+    // theirs. Set before any thread exists, so nothing reads it concurrently.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     // The demo prints its own story; info logs would bury it.
     init_logging(if matches!(cli.command, Command::Demo) {
