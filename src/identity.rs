@@ -67,6 +67,8 @@ pub struct IdentitySnapshot {
     pub server_config: Arc<rustls::ServerConfig>,
     /// Presents this SVID when originating mTLS (`[outbound]`).
     pub client_config: Arc<rustls::ClientConfig>,
+    /// The own leaf certificate, for the audit trail's hash of it.
+    pub leaf: CertificateDer<'static>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +173,10 @@ fn build(
         path: cfg.bundle.clone(),
         message: format!("an anchor of {trust_domain:?} has an unreadable validity"),
     })?;
+    let own_leaf = chain.first().cloned().ok_or_else(|| Error::Svid {
+        path: cfg.cert.clone(),
+        message: "no certificate".into(),
+    })?;
     let client_config = tls::origination_config(chain.clone(), key.clone_key(), bundles.clone())?;
     let server_config = tls::server_config(chain, key, bundles.clone())?;
     Ok(IdentitySnapshot {
@@ -182,6 +188,7 @@ fn build(
         bundle_info,
         server_config,
         client_config,
+        leaf: own_leaf,
     })
 }
 

@@ -235,7 +235,27 @@ async fn svid_rotates_under_load_without_a_failed_request() {
     let expiry = h.running().identity.load().expiry_unix();
     assert_eq!(metrics.svid_expiry.get(), expiry);
 
+    let leaf_hash = h.running().identity.load().leaf.clone();
     let events = h.stop().await;
+    // Every identity event matches the published schema, and the rotation
+    // names the new certificate by its hash.
+    let validator = schema();
+    for e in events
+        .iter()
+        .filter(|e| e["kind"] == "svid_rotated" || e["kind"] == "bundle_updated")
+    {
+        let errors: Vec<String> = validator.iter_errors(e).map(|x| x.to_string()).collect();
+        assert!(errors.is_empty(), "{errors:?}: {e}");
+    }
+    let rotated_event = events.iter().find(|e| e["kind"] == "svid_rotated").unwrap();
+    assert_eq!(rotated_event["svid"]["spiffe_id"], SIDECAR);
+    {
+        use sha2::Digest;
+        assert_eq!(
+            rotated_event["svid"]["sha256"],
+            hex::encode(sha2::Sha256::digest(leaf_hash.as_ref()))
+        );
+    }
     let rotated: Vec<&str> = events
         .iter()
         .filter(|e| e["kind"] == "svid_rotated")

@@ -56,8 +56,16 @@ impl Publisher {
         self.set_gauges(&next);
         for detail in changes(&prev, &next) {
             tracing::info!(source, "{}", detail.text);
-            self.audit
-                .record(Event::with_detail(detail.kind, detail.text));
+            let event = match detail.kind {
+                Kind::SvidRotated => Event::svid_rotated(
+                    next.spiffe_id.as_str(),
+                    next.not_after,
+                    next.leaf.as_ref(),
+                    detail.text,
+                ),
+                kind => Event::with_detail(kind, detail.text),
+            };
+            self.audit.record(event);
         }
     }
 
