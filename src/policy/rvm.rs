@@ -396,6 +396,35 @@ test_else if data.t.allow.reason == "not found" with input as {"xs": [1]}
         );
     }
 
+    /// `io.jwt.*` are interpreter extensions Portcullis adds; the RVM has
+    /// no such builtins, so such a policy stays on the interpreter.
+    #[test]
+    fn interpreter_only_extensions_keep_the_interpreter() {
+        let policy = r#"package t
+import rego.v1
+default allow := false
+allow if {
+	[_, payload, _] := io.jwt.decode(input.token)
+	payload.sub == "alice"
+}
+"#;
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2ln";
+        let tests = format!(
+            "package t_test\nimport rego.v1\ntest_alice if data.t.allow with input as {{\"token\": \"{token}\"}}\n"
+        );
+        let snap = load(
+            &[("p.rego", policy), ("p_test.rego", &tests)],
+            EvaluatorMode::Auto,
+        );
+        assert_eq!(snap.evaluator, "interpreter", "{}", snap.evaluator_reason);
+        let input = format!(r#"{{"token": "{token}"}}"#);
+        assert!(
+            snap.evaluate(Value::from_json_str(&input).unwrap())
+                .unwrap()
+                .allowed
+        );
+    }
+
     #[test]
     fn without_test_inputs_the_interpreter_decides() {
         let snap = load(&[("p.rego", POLICY)], EvaluatorMode::Auto);
