@@ -404,9 +404,7 @@ async fn handle_request(
         route.client.request(Request::from_parts(parts, body)),
     )
     .await;
-    // Only failures to reach a proper server count against the route: a
-    // 5xx it chose to send is an answer.
-    admission.record(matches!(&sent, Ok(Ok(_))) || matches!(&sent, Ok(Err(e)) if !e.is_connect()));
+    admission.record(proxy::breaker_success(&sent));
     let (kind, status, error, message) = match sent {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
@@ -416,9 +414,7 @@ async fn handle_request(
                 }
             }
             proxy::strip_hop_by_hop(&mut parts.headers);
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                parts.headers.insert(proxy::X_REQUEST_ID, v);
-            }
+            proxy::set_request_id(&mut parts.headers, &request_id);
             let resp = Response::from_parts(parts, Either::Left(body));
             return finish(record, label, allowed, reason, resp);
         }

@@ -710,18 +710,12 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         )),
     )
     .await;
-    // Only transport failures count against the service: a 5xx it chose to
-    // send is an answer, not an outage.
-    admission.record(matches!(&sent, Ok(Ok(_))) || matches!(&sent, Ok(Err(e)) if !e.is_connect()));
+    admission.record(breaker_success(&sent));
     let (kind, status, message) = match sent {
         Ok(Ok(resp)) => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            // The caller can quote this id to find the decision in the
-            // audit trail.
-            if let Ok(v) = HeaderValue::from_str(&request_id) {
-                parts.headers.insert(X_REQUEST_ID, v);
-            }
+            set_request_id(&mut parts.headers, &request_id);
             add_policy_headers(&mut parts.headers, &applied.response_headers_to_add);
             let resp = Response::from_parts(parts, Either::Left(body));
             return finish(record, label, allowed, reason, resp);
@@ -855,6 +849,24 @@ fn add_policy_headers(headers: &mut HeaderMap, policy_headers: &[(String, String
     }
 }
 
+/// Tags a response with the request's id, which the caller can quote to
+/// find the decision in the audit trail.
+pub(crate) fn set_request_id(headers: &mut HeaderMap, request_id: &str) {
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(X_REQUEST_ID, v);
+    }
+}
+
+/// Whether an upstream attempt is a success for its circuit breaker. Only
+/// transport failures (no connection, no answer in time) count against the
+/// server: a 5xx or a protocol error it chose to send is an answer, not an
+/// outage.
+pub(crate) fn breaker_success<T>(
+    sent: &Result<Result<T, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+) -> bool {
+    matches!(sent, Ok(Ok(_))) || matches!(sent, Ok(Err(e)) if !e.is_connect())
+}
+
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -880,9 +892,7 @@ fn policy_body_response(status: StatusCode, body: &str, request_id: &str) -> Res
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(X_REQUEST_ID, v);
-    }
+    set_request_id(resp.headers_mut(), request_id);
     resp
 }
 
@@ -978,9 +988,7 @@ pub(crate) fn json_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp.headers_mut().insert(X_REQUEST_ID, v);
-    }
+    set_request_id(resp.headers_mut(), request_id);
     resp
 }
 
