@@ -148,14 +148,23 @@ impl PolicySnapshot {
         // Compiling for the entry point prepares the engine (analysis,
         // scheduling, rule index) once, here, instead of on the first
         // request of every clone, and reports semantic errors at load time.
-        engine
-            .compile_with_entrypoint(&query.into())
-            .map_err(|e| Error::Compile {
-                path: dir.to_owned(),
-                message: e.to_string(),
-            })?;
+        // The RVM compiles from the same prepared policy.
+        let compiled =
+            engine
+                .compile_with_entrypoint(&query.into())
+                .map_err(|e| Error::Compile {
+                    path: dir.to_owned(),
+                    message: e.to_string(),
+                })?;
 
-        let choice = rvm::choose(&sources, &engine, query, timer(eval_timeout), evaluator)?;
+        let choice = rvm::choose(
+            &sources,
+            &engine,
+            compiled,
+            query,
+            timer(eval_timeout),
+            evaluator,
+        )?;
 
         Ok(PolicySnapshot {
             revision: sources.revision,

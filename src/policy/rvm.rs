@@ -67,11 +67,12 @@ impl std::fmt::Debug for Rvm {
 }
 
 impl Rvm {
-    fn compile(engine: &Engine, query: &str, timer: ExecutionTimerConfig) -> Result<Self, String> {
-        let mut engine = engine.clone();
-        let compiled = engine
-            .compile_with_entrypoint(&query.into())
-            .map_err(|e| format!("{e:#}"))?;
+    fn compile(
+        engine: &Engine,
+        compiled: CompiledPolicy,
+        query: &str,
+        timer: ExecutionTimerConfig,
+    ) -> Result<Self, String> {
         let program =
             Compiler::compile_from_policy(&compiled, &[query]).map_err(|e| format!("{e:#}"))?;
         Ok(Rvm {
@@ -121,10 +122,11 @@ pub(crate) struct Choice {
 }
 
 /// Picks the engine for `query` over `sources`, whose interpreter form is
-/// `engine` (already prepared for `query`).
+/// `engine` and whose prepared form for `query` is `compiled`.
 pub(crate) fn choose(
     sources: &Sources,
     engine: &Engine,
+    compiled: CompiledPolicy,
     query: &str,
     timer: ExecutionTimerConfig,
     mode: EvaluatorMode,
@@ -133,11 +135,11 @@ pub(crate) fn choose(
     if mode == EvaluatorMode::Interpreter {
         return interpreter("policy.evaluator = \"interpreter\"".to_owned());
     }
-    let rvm = match Rvm::compile(engine, query, timer) {
+    let rvm = match Rvm::compile(engine, compiled, query, timer) {
         Ok(rvm) => rvm,
         Err(e) => return interpreter(format!("the RVM cannot compile this policy: {e}")),
     };
-    let Some(inputs) = capture_test_inputs(sources)? else {
+    let Some(inputs) = capture_test_inputs(sources, engine)? else {
         return interpreter(
             "the policy tests' `with input` modifiers could not be instrumented".to_owned(),
         );
@@ -192,10 +194,13 @@ fn outcome(r: &Result<Value, anyhow::Error>) -> String {
 /// `with input as portcullis.capture_input(E)`, and returns the distinct
 /// values the tests fed in, each with the first test that used it.
 /// `None` when the modifiers' source positions cannot be rewritten.
-fn capture_test_inputs(sources: &Sources) -> Result<Option<Vec<(String, Value)>>, Error> {
-    let mut parsed = sources.engine(super::testing::TEST_TIMEOUT)?;
+/// `engine` is `sources` already parsed; only its modules are read.
+fn capture_test_inputs(
+    sources: &Sources,
+    engine: &Engine,
+) -> Result<Option<Vec<(String, Value)>>, Error> {
     let mut replacements = BTreeMap::new();
-    for (path, (text, ranges)) in input_with_edits(&mut parsed) {
+    for (path, (text, ranges)) in input_with_edits(&mut engine.clone()) {
         let Some(wrapped) = wrap_ranges(&text, &ranges) else {
             return Ok(None);
         };
