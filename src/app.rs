@@ -34,6 +34,8 @@ pub enum Error {
     Audit(#[from] audit::Error),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("inbound workers could not start: {0}")]
+    Workers(std::io::Error),
     #[error("policy reloader could not start: {0}")]
     Watch(std::io::Error),
     #[error("{key} {addr}: cannot listen: {source}")]
@@ -162,7 +164,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
 
     let (trigger, watch) = drain::channel();
     let listening = Arc::new(AtomicBool::new(true));
-    let shared = Arc::new(Shared {
+    let shared = Shared {
         identity: identity.clone(),
         policy: policy.clone(),
         metrics: metrics.clone(),
@@ -183,7 +185,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             key: "inbound.upstream".into(),
             message: e.to_string(),
         })?,
-        rate_limiter: crate::ratelimit::RateLimiter::new(&config.rate_limit),
+        rate_limiter: Arc::new(crate::ratelimit::RateLimiter::new(&config.rate_limit)),
         limits: Limits {
             max_connections: config.inbound.max_connections,
             handshake_timeout: Duration::from_millis(config.inbound.handshake_timeout_ms),
@@ -195,7 +197,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
             h2_max_pending_accept_reset_streams: config.inbound.h2_max_pending_accept_reset_streams,
             h2_max_local_error_reset_streams: config.inbound.h2_max_local_error_reset_streams,
         },
-    });
+    };
     let identity_health = Arc::new(identity::workload_api::SourceHealth::default());
     let admin_state = Arc::new(admin::State {
         registry: registry.clone(),
@@ -259,12 +261,16 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         )?;
         tokio::spawn(outbound::serve(listener, Arc::new(outbound), watch.clone()));
     }
-    tokio::spawn(proxy::serve(inbound, shared, watch.clone()));
+    let drain_timeout = Duration::from_millis(config.inbound.drain_timeout_ms);
+    let workers = config.inbound.worker_threads();
+    proxy::workers::spawn(inbound, &shared, workers, watch.clone(), drain_timeout)
+        .map_err(Error::Workers)?;
     tokio::spawn(admin::serve(admin_listener, admin_state, watch));
     tracing::info!(
         inbound = %inbound_addr,
         admin = %admin_addr,
         outbound = ?outbound_addr,
+        workers,
         "portcullis ready inbound={inbound_addr} admin={admin_addr}"
     );
 
@@ -281,7 +287,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         audit_writer,
         trigger,
         listening,
-        drain_timeout: Duration::from_millis(config.inbound.drain_timeout_ms),
+        drain_timeout,
     })
 }
 

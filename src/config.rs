@@ -59,6 +59,9 @@ pub struct Inbound {
     pub listen: SocketAddr,
     /// `http://host:port` of the service on loopback.
     pub upstream: String,
+    /// Threads serving the inbound listener, each a single-threaded
+    /// runtime (src/proxy/workers.rs); 0: one per CPU the process may use.
+    pub workers: usize,
     pub max_connections: usize,
     pub handshake_timeout_ms: u64,
     /// From the first byte of an HTTP/1.1 request head to its end.
@@ -86,11 +89,22 @@ pub struct Inbound {
     pub h2_max_local_error_reset_streams: usize,
 }
 
+impl Inbound {
+    /// `workers`, with 0 resolved to the CPUs this process may use.
+    pub fn worker_threads(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Default for Inbound {
     fn default() -> Self {
         Inbound {
             listen: SocketAddr::from(([0, 0, 0, 0], 15443)),
             upstream: "http://127.0.0.1:8080".into(),
+            workers: 0,
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
             header_read_timeout_ms: 10_000,
@@ -334,11 +348,16 @@ impl Default for Admin {
     }
 }
 
+/// Beyond this, `inbound.workers` is a typo: each worker is a thread with a
+/// runtime of its own.
+const MAX_WORKERS: usize = 256;
+
 /// The settings an environment variable or flag may override, with the
 /// environment variable that carries each.
 pub const OVERRIDABLE: &[&str] = &[
     "inbound.listen",
     "inbound.upstream",
+    "inbound.workers",
     "inbound.max_connections",
     "inbound.drain_timeout_ms",
     "inbound.idle_timeout_ms",
@@ -421,6 +440,10 @@ impl Config {
         match key {
             "inbound.listen" => self.inbound.listen = addr(value)?,
             "inbound.upstream" => self.inbound.upstream = value.into(),
+            "inbound.workers" => {
+                self.inbound.workers = usize::try_from(number(value)?)
+                    .map_err(|e| invalid(format!("{value:?} is too large: {e}")))?
+            }
             "inbound.max_connections" => {
                 self.inbound.max_connections = usize::try_from(number(value)?)
                     .map_err(|e| invalid(format!("{value:?} is too large: {e}")))?
@@ -514,6 +537,15 @@ impl Config {
                     message: "must be greater than zero".into(),
                 });
             }
+        }
+        if self.inbound.workers > MAX_WORKERS {
+            return Err(Error::Invalid {
+                key: "inbound.workers".into(),
+                message: format!(
+                    "{} is more than {MAX_WORKERS}; 0 means one per CPU",
+                    self.inbound.workers
+                ),
+            });
         }
         if self.identity.trust_domain.is_empty() {
             return Err(Error::Invalid {
@@ -899,7 +931,10 @@ mod tests {
                 "127.0.0.1:9"
             } else if key.ends_with("min_remaining") {
                 "90s"
-            } else if key.ends_with("_ms") || key.ends_with("connections") {
+            } else if key.ends_with("_ms")
+                || key.ends_with("connections")
+                || key.ends_with("workers")
+            {
                 "5"
             } else {
                 "x"
@@ -907,6 +942,24 @@ mod tests {
             c.set(key, value, "test").unwrap();
         }
         assert!(c.set("inbound.nope", "1", "test").is_err());
+    }
+
+    #[test]
+    fn workers_default_to_the_cpus_and_are_bounded() {
+        let mut c = Config::default();
+        assert_eq!(c.inbound.workers, 0);
+        assert!(c.inbound.worker_threads() >= 1);
+        c.set("inbound.workers", "3", "PORTCULLIS_INBOUND_WORKERS")
+            .unwrap();
+        assert_eq!(c.inbound.worker_threads(), 3);
+        c.inbound.workers = MAX_WORKERS + 1;
+        match c.validate() {
+            Err(Error::Invalid { key, message }) => {
+                assert_eq!(key, "inbound.workers");
+                assert!(message.contains("0 means one per CPU"), "{message}");
+            }
+            other => panic!("expected inbound.workers to be refused, got {other:?}"),
+        }
     }
 
     #[test]

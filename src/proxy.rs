@@ -12,6 +12,7 @@ pub mod body;
 pub(crate) mod breaker;
 mod framing;
 pub mod path;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -63,6 +65,7 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authorization",
 ];
 
+#[derive(Clone)]
 pub struct Limits {
     pub max_connections: usize,
     pub handshake_timeout: Duration,
@@ -82,10 +85,14 @@ pub struct Limits {
 
 /// The local service, reached through a pooled keep-alive client.
 pub struct Upstream {
+    /// Per worker thread (see [`Upstream::for_worker`]): its connections
+    /// are driven by the runtime that made them.
     client: Client<HttpConnector, Limited<body::Replay>>,
     authority: http::uri::Authority,
+    connect_timeout: Duration,
     timeout: Duration,
-    breaker: breaker::Breaker,
+    /// One for the service, whichever worker sees its failures.
+    breaker: Arc<breaker::Breaker>,
 }
 
 /// When the circuit breaker opens, and for how long.
@@ -102,25 +109,40 @@ impl Upstream {
         breaker: BreakerSettings,
         metrics: &Metrics,
     ) -> Result<Upstream, http::uri::InvalidUri> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())?;
         Ok(Upstream {
-            client,
+            client: pooled_client(connect_timeout),
             authority,
+            connect_timeout,
             timeout,
-            breaker: breaker::Breaker::new(
+            breaker: Arc::new(breaker::Breaker::new(
                 breaker.failures,
                 breaker.cooldown,
                 metrics.circuit_breaker_state.clone(),
-            ),
+            )),
         })
     }
+
+    /// The same service with a pool of its own and the shared breaker.
+    pub fn for_worker(&self) -> Upstream {
+        Upstream {
+            client: pooled_client(self.connect_timeout),
+            authority: self.authority.clone(),
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+            breaker: self.breaker.clone(),
+        }
+    }
+}
+
+fn pooled_client(connect_timeout: Duration) -> Client<HttpConnector, Limited<body::Replay>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 /// Everything the data path needs, passed in so tests can build their own.
@@ -134,7 +156,25 @@ pub struct Shared {
     pub max_body_bytes: usize,
     pub upstream: Upstream,
     pub limits: Limits,
-    pub rate_limiter: crate::ratelimit::RateLimiter,
+    pub rate_limiter: Arc<crate::ratelimit::RateLimiter>,
+}
+
+impl Shared {
+    /// What one worker thread serves with: everything shared, except an
+    /// upstream pool of its own.
+    pub fn for_worker(&self) -> Shared {
+        Shared {
+            identity: self.identity.clone(),
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+            audit: self.audit.clone(),
+            policy_mode: self.policy_mode,
+            max_body_bytes: self.max_body_bytes,
+            upstream: self.upstream.for_worker(),
+            limits: self.limits.clone(),
+            rate_limiter: self.rate_limiter.clone(),
+        }
+    }
 }
 
 /// What a request knows about the connection it arrived on.
@@ -145,14 +185,22 @@ struct ConnCtx {
     protocol: &'static str,
 }
 
-/// Accepts until draining starts. One failed accept or handshake never ends
-/// the loop.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, drain: drain::Watch) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+/// Accepts until draining starts, then waits for the connections it
+/// accepted. One failed accept or handshake never ends the loop. `slots`
+/// is shared by every accept loop on the listener.
+pub async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    drain: drain::Watch,
+) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             _ = drain.signaled() => break,
             r = listener.accept() => r,
+            // Reaps finished connections so the set holds only live ones.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let (tcp, peer_addr) = match accepted {
             Ok(x) => x,
@@ -170,13 +218,47 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, drain: drain::Wat
         };
         let shared = shared.clone();
         let drain = drain.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             shared.metrics.open_connections.inc();
             handle_connection(tcp, peer_addr, &shared, drain).await;
             shared.metrics.open_connections.dec();
             drop(slot);
         });
     }
+    // Closed now, not when the last connection ends: new connections are
+    // refused while the ones in hand drain.
+    drop(listener);
+    drop(drain);
+    while conns.join_next().await.is_some() {}
+}
+
+/// The HTTP/1.1 settings, on hyper's builder or on the sniffing one's
+/// (the two are different types with the same methods).
+macro_rules! http1_limits {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            // Our own timer (activity.rs) times heads: hyper's would also
+            // run between keep-alive requests and cut idle clients short.
+            .header_read_timeout(None)
+            // hyper's own cap sits above ours so that an oversized head
+            // normally reaches our counted 431; hyper answers 431 itself
+            // beyond it.
+            .max_buf_size($limits.max_header_list_bytes.saturating_mul(2).max(8192))
+    };
+}
+
+/// The HTTP/2 settings, on either builder.
+macro_rules! http2_limits {
+    ($builder:expr, $limits:expr) => {
+        $builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams($limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams($limits.h2_max_pending_accept_reset_streams)
+            .max_local_error_reset_streams($limits.h2_max_local_error_reset_streams)
+            .max_header_list_size(
+                u32::try_from($limits.max_header_list_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+            )
+    };
 }
 
 async fn handle_connection(
@@ -221,7 +303,8 @@ async fn handle_connection(
         );
         return;
     };
-    let protocol = match conn.alpn_protocol() {
+    let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+    let protocol = match alpn.as_deref() {
         Some(b"h2") => "HTTP/2",
         _ => "HTTP/1.1",
     };
@@ -252,27 +335,62 @@ async fn handle_connection(
         }
     });
 
-    let limits = &shared.limits;
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // Our own timer (activity.rs) times heads: hyper's would also run
-        // between keep-alive requests and cut idle clients short.
-        .header_read_timeout(None)
-        // hyper's own cap sits above ours so that an oversized head normally
-        // reaches our counted 431; hyper answers 431 itself beyond it.
-        .max_buf_size(limits.max_header_list_bytes.saturating_mul(2).max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_accept_reset_streams)
-        .max_local_error_reset_streams(limits.h2_max_local_error_reset_streams)
-        .max_header_list_size(
-            u32::try_from(limits.max_header_list_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
-        );
     let io = TokioIo::new(activity::Watched::new(stream, activity.clone()));
-    let conn = builder.serve_connection(io, service);
+    let limits = &shared.limits;
+    // ALPN names the protocol; only a client that negotiated none is
+    // sniffed (HTTP/2 with prior knowledge). Each connection future is
+    // boxed at its own size: one sized for the HTTP/2 state machine would
+    // make every idle HTTP/1.1 connection carry it (issue 7 measured
+    // memory per idle keep-alive connection).
+    let served = match alpn.as_deref() {
+        Some(b"http/1.1") => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            http1_limits!(builder, limits);
+            let conn = builder.serve_connection(io, service);
+            Box::pin(drive(conn, shared, &activity, &drain, peer_addr)).await
+        }
+        Some(b"h2") => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            http2_limits!(builder, limits);
+            let conn = builder.serve_connection(io, service);
+            Box::pin(drive(conn, shared, &activity, &drain, peer_addr)).await
+        }
+        _ => {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            http1_limits!(builder.http1(), limits);
+            http2_limits!(builder.http2(), limits);
+            let conn = builder.serve_connection(io, service);
+            Box::pin(drive(conn, shared, &activity, &drain, peer_addr)).await
+        }
+    };
+    if let Err(e) = served {
+        if is_h2_calm_down(e.as_ref()) {
+            shared
+                .metrics
+                .limits_exceeded
+                .with_label_values(&["h2_reset_flood"])
+                .inc();
+            tracing::warn!(peer = %peer_addr, spiffe_id = %ctx_id, "closed an HTTP/2 connection with GOAWAY: too many reset streams");
+        } else {
+            tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Serves one authenticated connection until it ends, draining starts, or
+/// it sits idle (or mid-head) too long. `Ok` also when a timer closed it.
+async fn drive<C>(
+    conn: C,
+    shared: &Shared,
+    activity: &activity::Activity,
+    drain: &drain::Watch,
+    peer_addr: SocketAddr,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: GracefulConnection,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let limits = &shared.limits;
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
@@ -300,21 +418,10 @@ async fn handle_connection(
             };
             shared.metrics.limits_exceeded.with_label_values(&[label]).inc();
             tracing::info!(peer = %peer_addr, "{why}");
-            return;
+            return Ok(());
         }
     };
-    if let Err(e) = result {
-        if is_h2_calm_down(e.as_ref()) {
-            shared
-                .metrics
-                .limits_exceeded
-                .with_label_values(&["h2_reset_flood"])
-                .inc();
-            tracing::warn!(peer = %peer_addr, spiffe_id = %ctx_id, "closed an HTTP/2 connection with GOAWAY: too many reset streams");
-        } else {
-            tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
-        }
-    }
+    result.map_err(Into::into)
 }
 
 /// Serves one connection to its end; once draining starts, it finishes the
