@@ -133,6 +133,9 @@ pub struct Analysis {
 /// snapshot with a new, empty cache; nothing carries over.
 pub struct DecisionCache {
     analysis: Analysis,
+    /// `analysis.reads` without the leading `input`, as the values they
+    /// look up, made once rather than per request.
+    lookups: Vec<Vec<Value>>,
     capacity: usize,
     /// `None` when caching is off.
     store: Option<Mutex<Generations>>,
@@ -152,8 +155,14 @@ impl DecisionCache {
     pub fn new(analysis: Analysis, capacity: usize) -> Arc<DecisionCache> {
         let store = (analysis.disabled.is_none() && capacity > 0)
             .then(|| Mutex::new(Generations::new(capacity)));
+        let lookups = analysis
+            .reads
+            .iter()
+            .map(|p| p.iter().skip(1).map(|s| Value::from(s.as_str())).collect())
+            .collect();
         Arc::new(DecisionCache {
             analysis,
+            lookups,
             capacity,
             store,
         })
@@ -225,8 +234,8 @@ impl DecisionCache {
             }
         }
         let mut key = Vec::with_capacity(256);
-        for path in &self.analysis.reads {
-            encode_at(input, &path[1..], &mut key);
+        for path in &self.lookups {
+            encode_at(input, path, &mut key);
         }
         Some(key)
     }
@@ -299,11 +308,11 @@ impl Generations {
 /// that no two different lookups share an encoding. When the walk meets a
 /// non-object before the end, the whole value there is encoded: the policy
 /// can only derive from it what it contains.
-fn encode_at(value: &Value, path: &[String], out: &mut Vec<u8>) {
+fn encode_at(value: &Value, path: &[Value], out: &mut Vec<u8>) {
     let mut at = value;
     for (depth, segment) in path.iter().enumerate() {
         match at {
-            Value::Object(map) => match map.get(&Value::from(segment.as_str())) {
+            Value::Object(map) => match map.get(segment) {
                 Some(next) => at = next,
                 None => {
                     out.push(b'A');
