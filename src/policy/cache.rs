@@ -241,7 +241,10 @@ impl DecisionCache {
     }
 
     pub fn get(&self, key: &[u8]) -> Option<Decision> {
-        lock(self.store.as_ref()?).get(key)
+        // The guard is a temporary of this statement: the decision is
+        // cloned after the lock is released.
+        let hit = lock(self.store.as_ref()?).get(key)?;
+        Some(Decision::clone(&hit))
     }
 
     pub fn insert(&self, key: Vec<u8>, decision: &Decision) {
@@ -282,14 +285,13 @@ impl Generations {
         self.young.len() + self.old.len()
     }
 
-    fn get(&mut self, key: &[u8]) -> Option<Decision> {
+    fn get(&mut self, key: &[u8]) -> Option<Arc<Decision>> {
         if let Some(d) = self.young.get(key) {
-            return Some(Decision::clone(d));
+            return Some(d.clone());
         }
         let (key, d) = self.old.remove_entry(key)?;
-        let decision = Decision::clone(&d);
-        self.insert(key, d);
-        Some(decision)
+        self.insert(key, d.clone());
+        Some(d)
     }
 
     fn insert(&mut self, key: Vec<u8>, decision: Arc<Decision>) {
