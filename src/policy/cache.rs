@@ -39,6 +39,9 @@
 //!   the clock, randomness, the network, the runtime environment, and our
 //!   `io.jwt.decode_verify`, which checks `exp`/`nbf` against the clock.
 //!   A text match is cruder than a call graph, and never misses a call.
+//! * a module has a `$"..."` template string: its `{...}` parts would be
+//!   code the scan takes for string contents (regorus 0.14 refuses them;
+//!   this guards a later upgrade).
 //! * `policy.decision_cache` is 0.
 //!
 //! Per request, an input carrying a body (`parsed_body`/`truncated_body`)
@@ -419,7 +422,8 @@ pub fn analyze<'a>(modules: impl IntoIterator<Item = (&'a str, &'a str)>) -> Ana
     for (name, text) in modules {
         let tokens = tokenize(text);
         if disabled.is_none() {
-            disabled = non_deterministic(name, text, &tokens);
+            disabled =
+                non_deterministic(name, text, &tokens).or_else(|| template_string(name, &tokens));
         }
         for (path, line) in input_reads(&tokens) {
             reads.push((path, format!("{name}:{line}")));
@@ -471,6 +475,24 @@ fn volatile_overlap(path: &[String], at: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// Recent OPA releases have template strings (`$"hello {input.user}"`)
+/// whose `{...}` parts are code; regorus 0.14 does not, and the scan reads
+/// them as plain strings. Should a later regorus accept them, a `$` glued to a string
+/// turns caching off rather than hide a read.
+fn template_string(name: &str, tokens: &[Token]) -> Option<String> {
+    tokens.windows(2).find_map(|w| {
+        (w[0].kind == Kind::Punct(b'$') && w[1].glued && matches!(w[1].kind, Kind::Str(_))).then(
+            || {
+                format!(
+                    "{name}:{} has a template string ($\"...\"), whose input reads the scan \
+                     cannot see",
+                    w[0].line
+                )
+            },
+        )
+    })
 }
 
 fn non_deterministic(name: &str, text: &str, tokens: &[Token]) -> Option<String> {
@@ -819,6 +841,10 @@ mod tests {
             ),
             ("allow if time . now_ns() > 0", "time.now_ns"),
             ("allow if time[\"now_ns\"]() > 0", "time.now_ns"),
+            (
+                "allow if $\"{input.attributes}\" != \"\"",
+                "template string",
+            ),
         ] {
             let why = disabled_because(&format!("{HEAD}{body}\n"));
             assert!(
