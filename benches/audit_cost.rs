@@ -66,6 +66,7 @@ fn request_event(k: usize) -> Event {
         reason: "checkout may create payments".into(),
         policy_revision: "a".repeat(64),
         dry_run: false,
+        cached: false,
     });
     e
 }

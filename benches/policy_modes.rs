@@ -307,10 +307,15 @@ fn time_build_input(quick: bool) -> u128 {
 fn suite(title: &str, dir: &Path, quick: bool, build_ns: u128) {
     println!("=== {title} ===");
 
+    // Without the decision cache: the inputs repeat, and this times the
+    // evaluators, not cache hits.
     let snapshot =
         PolicySnapshot::load_checked(dir, QUERY, TIMEOUT, false, EvaluatorMode::Interpreter)
-            .expect("load policies");
-    let auto = PolicySnapshot::load(dir, QUERY, TIMEOUT).expect("load policies");
+            .expect("load policies")
+            .with_decision_cache(0);
+    let auto = PolicySnapshot::load(dir, QUERY, TIMEOUT)
+        .expect("load policies")
+        .with_decision_cache(0);
     println!(
         "evaluator (auto): {}: {}",
         auto.evaluator, auto.evaluator_reason

@@ -107,6 +107,7 @@ fn route(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
                     "mode": state.config.policy.mode,
                     "evaluator": p.evaluator,
                     "evaluator_reason": p.evaluator_reason,
+                    "decision_cache": p.decision_cache().to_json(),
                     "last_reload": state.policy_reload.load().to_json(),
                 }),
             )

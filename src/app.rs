@@ -94,6 +94,7 @@ fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
         config.policy.evaluator,
     )?
     .with_egress_query(config.policy.egress_query.as_deref())
+    .map(|p| p.with_decision_cache(config.policy.decision_cache_capacity()))
 }
 
 pub async fn start(config: Config) -> Result<Running, Error> {
@@ -138,6 +139,8 @@ pub async fn start(config: Config) -> Result<Running, Error> {
         policy_revision = %policy.revision,
         policy_evaluator = policy.evaluator,
         evaluator_reason = %policy.evaluator_reason,
+        decision_cache = policy.decision_cache().enabled(),
+        decision_cache_reason = %policy.decision_cache().reason(),
         config = %config.redacted(),
         "identity and policy loaded"
     );

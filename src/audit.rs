@@ -167,6 +167,10 @@ pub struct Decision {
     /// `allowed` says.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// The decision came from the policy decision cache, not from an
+    /// evaluation of this request.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -243,6 +243,23 @@ pub struct Policy {
     /// routed request is allowed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub egress_query: Option<String>,
+    /// How many decisions the policy decision cache keeps; 0 turns it off.
+    /// Only policies whose decisions cannot depend on per-request fields
+    /// are cached (docs/policies.md, "Decision cache").
+    pub decision_cache: u64,
+}
+
+/// Above this `policy.decision_cache` is refused: each entry holds a key
+/// and a decision (hundreds of bytes to a few KiB), so more would be a
+/// memory surprise rather than a speed-up.
+pub const MAX_DECISION_CACHE: u64 = 1_000_000;
+
+impl Policy {
+    /// `decision_cache` as the cache takes it; [`Config::validate`] has
+    /// bounded it.
+    pub fn decision_cache_capacity(&self) -> usize {
+        usize::try_from(self.decision_cache.min(MAX_DECISION_CACHE)).unwrap_or(usize::MAX)
+    }
 }
 
 impl Default for Policy {
@@ -257,6 +274,7 @@ impl Default for Policy {
             max_body_bytes: 0,
             evaluator: crate::policy::EvaluatorMode::Auto,
             egress_query: None,
+            decision_cache: crate::policy::cache::DEFAULT_CAPACITY as u64,
         }
     }
 }
@@ -372,6 +390,7 @@ pub const OVERRIDABLE: &[&str] = &[
     "policy.mode",
     "policy.evaluator",
     "policy.egress_query",
+    "policy.decision_cache",
     "audit.path",
     "admin.listen",
     "outbound.listen",
@@ -475,6 +494,7 @@ impl Config {
                 }
             }
             "policy.egress_query" => self.policy.egress_query = Some(value.into()),
+            "policy.decision_cache" => self.policy.decision_cache = number(value)?,
             "audit.path" => self.audit.path = value.into(),
             "admin.listen" => self.admin.listen = addr(value)?,
             "outbound.listen" => {
@@ -538,14 +558,27 @@ impl Config {
                 });
             }
         }
-        if self.inbound.workers > MAX_WORKERS {
-            return Err(Error::Invalid {
-                key: "inbound.workers".into(),
-                message: format!(
-                    "{} is more than {MAX_WORKERS}; 0 means one per CPU",
-                    self.inbound.workers
-                ),
-            });
+        let bounded = [
+            (
+                "inbound.workers",
+                self.inbound.workers as u64,
+                MAX_WORKERS as u64,
+                "0 means one per CPU",
+            ),
+            (
+                "policy.decision_cache",
+                self.policy.decision_cache,
+                MAX_DECISION_CACHE,
+                "0 turns the cache off",
+            ),
+        ];
+        for (key, value, max, zero) in bounded {
+            if value > max {
+                return Err(Error::Invalid {
+                    key: key.into(),
+                    message: format!("{value} is more than the maximum of {max} ({zero})"),
+                });
+            }
         }
         if self.identity.trust_domain.is_empty() {
             return Err(Error::Invalid {
@@ -934,6 +967,7 @@ mod tests {
             } else if key.ends_with("_ms")
                 || key.ends_with("connections")
                 || key.ends_with("workers")
+                || key.ends_with("decision_cache")
             {
                 "5"
             } else {
@@ -960,6 +994,31 @@ mod tests {
             }
             other => panic!("expected inbound.workers to be refused, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn decision_cache_has_a_default_a_bound_and_an_env_override() {
+        assert_eq!(Config::default().policy.decision_cache, 10_000);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(&path, "[policy]\ndecision_cache = 0\n").unwrap();
+        let c = Config::load(&path, &|_| None, &[]).unwrap();
+        assert_eq!(c.policy.decision_cache_capacity(), 0);
+        let env = |k: &str| (k == "PORTCULLIS_POLICY_DECISION_CACHE").then(|| "250".to_string());
+        let c = Config::load(&path, &env, &[]).unwrap();
+        assert_eq!(c.policy.decision_cache, 250);
+        let bad = |k: &str| (k == "PORTCULLIS_POLICY_DECISION_CACHE").then(|| "lots".to_string());
+        let err = Config::load(&path, &bad, &[]).unwrap_err().to_string();
+        assert!(err.contains("policy.decision_cache"), "{err}");
+
+        let mut c = Config::default();
+        c.policy.decision_cache = MAX_DECISION_CACHE + 1;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("policy.decision_cache"), "{err}");
+        assert_eq!(
+            c.policy.decision_cache_capacity(),
+            usize::try_from(MAX_DECISION_CACHE).unwrap()
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct Metrics {
     /// decision = allow | deny | would_deny | error; status = 2xx..5xx.
     pub requests: Requests,
     pub policy_eval_duration: Histogram,
+    /// result = hit | miss | uncacheable; one per policy decision of an
+    /// inbound request (evaluation errors are not decisions).
+    pub policy_decision_cache: IntCounterVec,
     /// result = ok | no_client_cert | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout
     pub tls_handshakes: IntCounterVec,
@@ -84,6 +87,13 @@ impl Metrics {
                     "Time to build the policy input and evaluate the query",
                 )
                 .buckets(POLICY_BUCKETS.to_vec()),
+            )?,
+            policy_decision_cache: IntCounterVec::new(
+                Opts::new(
+                    "portcullis_policy_decision_cache_total",
+                    "Policy decisions by how the decision cache served them",
+                ),
+                &["result"],
             )?,
             tls_handshakes: IntCounterVec::new(
                 Opts::new(
@@ -156,6 +166,7 @@ impl Metrics {
         };
         m.requests.register(registry)?;
         registry.register(Box::new(m.policy_eval_duration.clone()))?;
+        registry.register(Box::new(m.policy_decision_cache.clone()))?;
         registry.register(Box::new(m.tls_handshakes.clone()))?;
         registry.register(Box::new(m.open_connections.clone()))?;
         registry.register(Box::new(m.connections_refused.clone()))?;
@@ -186,6 +197,9 @@ impl Metrics {
         for result in ["ok", "error"] {
             m.policy_reloads.with_label_values(&[result]);
             m.identity_reloads.with_label_values(&[result]);
+        }
+        for result in ["hit", "miss", "uncacheable"] {
+            m.policy_decision_cache.with_label_values(&[result]);
         }
         for kind in ["connect", "timeout", "protocol", "circuit_open"] {
             m.upstream_errors.with_label_values(&[kind]);

@@ -240,6 +240,7 @@ async fn handle_request(
             reason: audit::redact_pans(&reason).into_owned(),
             policy_revision: policy.revision.clone(),
             dry_run,
+            cached: false,
         });
         record.finish(status);
         out.metrics

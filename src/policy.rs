@@ -10,6 +10,7 @@ use regorus::utils::limits::ExecutionTimerConfig;
 use regorus::{Engine, Value};
 use sha2::{Digest, Sha256};
 
+pub mod cache;
 pub mod decision;
 pub mod input;
 mod jwt;
@@ -17,6 +18,7 @@ pub mod reload;
 mod rvm;
 pub mod testing;
 
+pub use cache::{CacheUse, DecisionCache};
 pub use decision::Decision;
 pub use input::{build_input, build_input_json, RequestFacts};
 pub use rvm::EvaluatorMode;
@@ -105,6 +107,10 @@ pub struct PolicySnapshot {
     engine: Engine,
     /// Present only when proven to agree with `engine` (see `rvm`).
     rvm: Option<Arc<rvm::Rvm>>,
+    /// Decisions of `query` already made by this snapshot, for inputs it
+    /// cannot tell apart (see `cache`). Owned by the snapshot, so a reload
+    /// starts empty and can never serve the old policy's decisions.
+    decision_cache: Arc<DecisionCache>,
 }
 
 impl PolicySnapshot {
@@ -157,6 +163,16 @@ impl PolicySnapshot {
                     message: e.to_string(),
                 })?;
 
+        // Over every module, tests included: they are loaded into the same
+        // engine, and the scan is meant to over-approximate.
+        let analysis = cache::analyze(
+            sources
+                .files
+                .iter()
+                .filter(|f| f.name != DATA_FILE)
+                .map(|f| (f.name.as_str(), f.contents.as_str())),
+        );
+
         let choice = rvm::choose(
             &sources,
             &engine,
@@ -181,7 +197,19 @@ impl PolicySnapshot {
             evaluator_reason: choice.reason,
             engine,
             rvm: choice.rvm.map(Arc::new),
+            decision_cache: DecisionCache::new(analysis, cache::DEFAULT_CAPACITY),
         })
+    }
+
+    /// Replaces the decision cache with an empty one of `capacity`
+    /// decisions (`policy.decision_cache`); 0 turns caching off.
+    pub fn with_decision_cache(mut self, capacity: usize) -> Self {
+        self.decision_cache = DecisionCache::new(self.decision_cache.analysis().clone(), capacity);
+        self
+    }
+
+    pub fn decision_cache(&self) -> &DecisionCache {
+        &self.decision_cache
     }
 
     /// Adds the outbound decision rule, refused like `query` when the set
@@ -202,9 +230,26 @@ impl PolicySnapshot {
         Ok(self)
     }
 
-    /// Decides one request. Errors (including timeouts) are the caller's to
-    /// turn into a deny: this layer never guesses a decision.
+    /// Decides one request, from the decision cache when an earlier request
+    /// the policy cannot tell apart was decided; [`Decision::cache`] says
+    /// which. Errors (including timeouts) are the caller's to turn into a
+    /// deny: this layer never guesses a decision, and never caches an
+    /// error.
     pub fn evaluate(&self, input: Value) -> Result<Decision, Error> {
+        let Some(key) = self.decision_cache.key(&input) else {
+            return self.evaluate_uncached(input);
+        };
+        if let Some(mut hit) = self.decision_cache.get(&key) {
+            hit.cache = CacheUse::Hit;
+            return Ok(hit);
+        }
+        let mut decision = self.evaluate_uncached(input)?;
+        self.decision_cache.insert(key, &decision);
+        decision.cache = CacheUse::Miss;
+        Ok(decision)
+    }
+
+    fn evaluate_uncached(&self, input: Value) -> Result<Decision, Error> {
         match &self.rvm {
             Some(rvm) => {
                 let value = rvm

@@ -40,7 +40,7 @@ use crate::drain;
 use crate::identity::{IdentitySnapshot, SpiffeId};
 use crate::metrics::Metrics;
 use crate::policy::input::{add_body, build_input, RequestFacts};
-use crate::policy::{Decision, PolicySnapshot};
+use crate::policy::{CacheUse, Decision, PolicySnapshot};
 use crate::tls::{self, PeerIdentity};
 
 pub type Body = Either<Incoming, Full<Bytes>>;
@@ -518,6 +518,9 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     };
 
     let dry_run = shared.policy_mode == PolicyMode::DryRun;
+    // Set once the policy has decided; read when the audit event is made.
+    // Atomic rather than a Cell only because the future must be Send.
+    let from_cache = std::sync::atomic::AtomicBool::new(false);
     let finish = |record: audit::RequestRecord,
                   decision: &str,
                   allowed: bool,
@@ -530,6 +533,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             reason: audit::redact_pans(&reason).into_owned(),
             policy_revision: policy.revision.clone(),
             dry_run,
+            cached: from_cache.load(std::sync::atomic::Ordering::Relaxed),
         });
         record.finish(status);
         shared
@@ -670,6 +674,17 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .metrics
         .policy_eval_duration
         .observe(eval_started.elapsed().as_secs_f64());
+    if let Ok(d) = &evaluated {
+        shared
+            .metrics
+            .policy_decision_cache
+            .with_label_values(&[d.cache.label()])
+            .inc();
+        from_cache.store(
+            d.cache == CacheUse::Hit,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
 
     // In dry-run a deny or a policy error is only recorded here; the
     // request goes on as if allowed, but nothing the policy asked for is

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
 use portcullis::policy::{
-    build_input, run_tests, Decision, EvaluatorMode, PolicySnapshot, RequestFacts,
+    build_input, run_tests, CacheUse, Decision, EvaluatorMode, PolicySnapshot, RequestFacts,
 };
+use proptest::prelude::*;
 
 const QUERY: &str = "data.portcullis.authz.allow";
 
@@ -287,4 +288,245 @@ fn policy_the_rvm_gets_wrong_falls_back_to_the_interpreter() {
     );
     assert!(!d.allowed);
     assert_eq!(d.http_status, Some(403), "{d:?}");
+}
+
+// === the decision cache on the shipped policy ===
+
+/// One request as the proxy would build it, with the per-request fields
+/// (id, peer address, time) chosen by the caller.
+struct Req<'a> {
+    caller: &'a str,
+    method: &'a str,
+    path: &'a str,
+    headers: &'a HeaderMap,
+    request_id: &'a str,
+    peer: SocketAddr,
+    time: SystemTime,
+}
+
+impl<'a> Req<'a> {
+    fn new(caller: &'a str, method: &'a str, path: &'a str, headers: &'a HeaderMap) -> Self {
+        Req {
+            caller,
+            method,
+            path,
+            headers,
+            request_id: "req-1",
+            peer: "10.0.0.7:51522".parse().unwrap(),
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_600_800),
+        }
+    }
+
+    fn input(&self) -> regorus::Value {
+        let rest = self.caller.strip_prefix("spiffe://").unwrap();
+        let (trust_domain, id_path) = rest.split_at(rest.find('/').unwrap());
+        build_input(&RequestFacts {
+            request_id: self.request_id,
+            method: self.method,
+            path: self.path,
+            query: None,
+            host: "payments",
+            scheme: "https",
+            protocol: "HTTP/2",
+            headers: self.headers,
+            source_spiffe_id: self.caller,
+            source_trust_domain: trust_domain,
+            source_path: id_path,
+            source_addr: self.peer,
+            destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
+            time: self.time,
+        })
+    }
+}
+
+#[test]
+fn shipped_policy_is_cacheable_and_keys_on_what_it_reads() {
+    let snap = snapshot();
+    let cache = snap.decision_cache();
+    assert!(cache.enabled(), "{}", cache.reason());
+    assert_eq!(cache.capacity(), 10_000);
+    // The whole headers map is read (object.get on it), so headers are
+    // part of every key.
+    assert_eq!(
+        cache.reads_display(),
+        [
+            "input.attributes.request.http.headers",
+            "input.attributes.request.http.method",
+            "input.attributes.request.http.path",
+            "input.attributes.source.principal",
+            "input.parsed_path",
+            "input.source.trust_domain",
+        ]
+    );
+}
+
+#[test]
+fn only_requests_the_policy_cannot_tell_apart_share_a_decision() {
+    let snap = snapshot();
+    let mut with_key = HeaderMap::new();
+    with_key.insert("idempotency-key", HeaderValue::from_static("k-1"));
+    let base = Req::new(CHECKOUT, "POST", "/v1/payments", &with_key);
+    let first = snap.evaluate(base.input()).unwrap();
+    assert!(first.allowed, "{first:?}");
+    assert_eq!(first.cache, CacheUse::Miss);
+
+    // Differs only in the per-request fields: served from the cache.
+    let again = Req {
+        request_id: "req-2",
+        peer: "10.9.9.9:40000".parse().unwrap(),
+        time: SystemTime::now(),
+        ..Req::new(CHECKOUT, "POST", "/v1/payments", &with_key)
+    };
+    let hit = snap.evaluate(again.input()).unwrap();
+    assert_eq!(hit.cache, CacheUse::Hit);
+    assert_eq!(hit, first);
+    assert_eq!(hit.reason, first.reason);
+
+    // Differs in something it reads: evaluated, and decided differently.
+    let empty = HeaderMap::new();
+    let mut other_key = HeaderMap::new();
+    other_key.insert("idempotency-key", HeaderValue::from_static(""));
+    let changed = [
+        Req::new(CHECKOUT, "GET", "/v1/payments", &with_key),
+        Req::new(CHECKOUT, "POST", "/v1/payments/p1", &with_key),
+        Req::new(FRONTEND, "POST", "/v1/payments", &with_key),
+        Req::new(CHECKOUT, "POST", "/v1/payments", &empty),
+        Req::new(CHECKOUT, "POST", "/v1/payments", &other_key),
+        Req::new(
+            "spiffe://evil.example/ns/shop/sa/checkout",
+            "POST",
+            "/v1/payments",
+            &with_key,
+        ),
+    ];
+    for req in &changed {
+        let d = snap.evaluate(req.input()).unwrap();
+        assert_eq!(
+            d.cache,
+            CacheUse::Miss,
+            "{} {} {}",
+            req.caller,
+            req.method,
+            req.path
+        );
+        assert!(
+            !d.allowed,
+            "{} {} {}: {d:?}",
+            req.caller, req.method, req.path
+        );
+        assert_ne!(d.reason, first.reason);
+    }
+    // A header the policy never asks about still changes the key: the
+    // policy reads the whole map.
+    let mut traced = with_key.clone();
+    traced.insert("traceparent", HeaderValue::from_static("00-abc-01"));
+    let d = snap
+        .evaluate(Req::new(CHECKOUT, "POST", "/v1/payments", &traced).input())
+        .unwrap();
+    assert_eq!(d.cache, CacheUse::Miss);
+    assert_eq!(d, first);
+}
+
+#[test]
+fn requests_with_a_body_are_evaluated_every_time() {
+    let snap = snapshot();
+    let h = HeaderMap::new();
+    let req = Req::new(CHECKOUT, "GET", "/v1/payments/p1", &h);
+    for _ in 0..2 {
+        let mut input = req.input();
+        portcullis::policy::input::add_body(
+            &mut input,
+            portcullis::policy::input::BodyKind::Json,
+            Some(b"{}"),
+            false,
+        );
+        let d = snap.evaluate(input).unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.cache, CacheUse::Uncacheable);
+    }
+    assert_eq!(snap.decision_cache().len(), 0);
+}
+
+#[test]
+fn the_cache_holds_at_most_its_capacity() {
+    let snap = snapshot().with_decision_cache(4);
+    let h = HeaderMap::new();
+    for i in 0..50 {
+        let path = format!("/v1/payments/p{i}");
+        let d = snap
+            .evaluate(Req::new(CHECKOUT, "GET", &path, &h).input())
+            .unwrap();
+        assert!(d.allowed);
+        assert!(snap.decision_cache().len() <= 4);
+    }
+    let off = snapshot().with_decision_cache(0);
+    assert!(!off.decision_cache().enabled());
+    let d = off
+        .evaluate(Req::new(CHECKOUT, "GET", "/v1/payments/p1", &h).input())
+        .unwrap();
+    assert_eq!(d.cache, CacheUse::Uncacheable);
+}
+
+fn cached_and_uncached() -> &'static (PolicySnapshot, PolicySnapshot) {
+    static SNAPSHOTS: std::sync::OnceLock<(PolicySnapshot, PolicySnapshot)> =
+        std::sync::OnceLock::new();
+    SNAPSHOTS.get_or_init(|| {
+        let uncached = snapshot().with_decision_cache(0);
+        // Smaller than the 72 keys below, so that eviction happens too.
+        let cached = snapshot().with_decision_cache(32);
+        (cached, uncached)
+    })
+}
+
+/// Indexes into the tables below, then the per-request fields. The space
+/// of what the policy reads is small (72 combinations) so that sequences
+/// repeat requests, and meet pairs that differ in one read field (a
+/// header, the method, the caller) and are decided differently.
+fn request_like() -> impl Strategy<Value = (usize, usize, usize, usize, u16, u8, u64)> {
+    (
+        0..3usize,
+        0..2usize,
+        0..3usize,
+        0..4usize,
+        1..4u16,
+        0..3u8,
+        0..3u64,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// For inputs from a small space (so that repeats, hits and evictions
+    /// happen), the cached snapshot decides exactly as the uncached one.
+    #[test]
+    fn cached_evaluation_equals_uncached(reqs in proptest::collection::vec(request_like(), 1..60)) {
+        let (cached, uncached) = cached_and_uncached();
+        let callers = [CHECKOUT, FRONTEND, "spiffe://evil.example/ns/shop/sa/checkout"];
+        let methods = ["GET", "POST"];
+        let paths = ["/healthz", "/v1/payments", "/v1/payments/p1"];
+        for (c, m, p, hdr, port, id, t) in reqs {
+            let mut headers = HeaderMap::new();
+            if hdr & 1 == 1 {
+                headers.insert("idempotency-key", HeaderValue::from_static("k-1"));
+            }
+            if hdr & 2 == 2 {
+                headers.insert("accept", HeaderValue::from_static("*/*"));
+            }
+            let request_id = format!("req-{id}");
+            let req = Req {
+                request_id: &request_id,
+                peer: SocketAddr::from(([10, 0, 0, 7], port)),
+                time: SystemTime::UNIX_EPOCH + Duration::from_secs(t),
+                ..Req::new(callers[c], methods[m], paths[p], &headers)
+            };
+            let want = uncached.evaluate(req.input()).unwrap();
+            let got = cached.evaluate(req.input()).unwrap();
+            prop_assert_eq!(&got, &want);
+            prop_assert_eq!(&got.reason, &want.reason);
+            prop_assert_eq!(got.http_status, want.http_status);
+            prop_assert_ne!(got.cache, CacheUse::Uncacheable);
+            prop_assert!(cached.decision_cache().len() <= 32);
+        }
+    }
 }

@@ -34,6 +34,9 @@ use load::{Client, Sample};
 use procstat::ProcTree;
 use targets::{Certs, Target};
 
+/// The default size of `policy.decision_cache`.
+const DECISION_CACHE: usize = 10_000;
+
 fn main() {
     if std::env::args().any(|a| a == upstream::FLAG) {
         upstream::serve();
@@ -53,6 +56,7 @@ fn main() {
             &certs,
             upstream_addr,
             &dir.path().join("audit.log"),
+            DECISION_CACHE,
         ),
         targets::portcullis(
             "portcullis-audit-off",
@@ -60,6 +64,19 @@ fn main() {
             &certs,
             upstream_addr,
             Path::new("/dev/null"),
+            DECISION_CACHE,
+        ),
+        // Every request decided by the RVM, as for callers whose headers
+        // differ per request (a unique traceparent): the generator repeats
+        // one request, so with the cache every decision after the first is
+        // a hit.
+        targets::portcullis(
+            "portcullis-uncached",
+            dir.path(),
+            &certs,
+            upstream_addr,
+            &dir.path().join("audit-uncached.log"),
+            0,
         ),
     ];
     targets.extend(peers::nginx(dir.path(), &certs, upstream_addr));

@@ -130,6 +130,7 @@ pub fn portcullis(
     certs: &Certs,
     upstream: SocketAddr,
     audit: &Path,
+    decision_cache: usize,
 ) -> Target {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir).expect("target dir");
@@ -151,6 +152,7 @@ bundle = "{bundle}"
 
 [policy]
 dir = "{policies}"
+decision_cache = {decision_cache}
 
 [audit]
 path = "{audit}"

@@ -3,6 +3,7 @@
 
 use regorus::Value;
 
+use super::cache::CacheUse;
 use super::Error;
 
 /// Reason given when the query produced no value at all. Deny rather than
@@ -10,7 +11,10 @@ use super::Error;
 pub const UNDEFINED_REASON: &str = "policy decision undefined (no rule matched)";
 
 /// What the policy said about one request.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Equality compares what the policy said, not [`Decision::cache`]: a
+/// decision served from the cache equals the one evaluated.
+#[derive(Debug, Clone, Eq, Default)]
 pub struct Decision {
     pub allowed: bool,
     /// Status for the denial response; the proxy picks one when absent.
@@ -26,6 +30,32 @@ pub struct Decision {
     pub request_headers_to_remove: Vec<String>,
     /// The body of the denial response, verbatim, in place of ours.
     pub body: Option<String>,
+    /// Whether this came from the decision cache; not something the
+    /// policy said.
+    pub cache: CacheUse,
+}
+
+impl PartialEq for Decision {
+    fn eq(&self, other: &Decision) -> bool {
+        // Destructured so that a new field cannot be forgotten here.
+        let Decision {
+            allowed,
+            http_status,
+            reason,
+            headers,
+            response_headers_to_add,
+            request_headers_to_remove,
+            body,
+            cache: _,
+        } = self;
+        *allowed == other.allowed
+            && *http_status == other.http_status
+            && *reason == other.reason
+            && *headers == other.headers
+            && *response_headers_to_add == other.response_headers_to_add
+            && *request_headers_to_remove == other.request_headers_to_remove
+            && *body == other.body
+    }
 }
 
 impl Decision {
@@ -108,6 +138,7 @@ impl Decision {
                     response_headers_to_add,
                     request_headers_to_remove,
                     body,
+                    cache: CacheUse::default(),
                 })
             }
             other => Err(wrong_type("decision", "a boolean or an object", other)),

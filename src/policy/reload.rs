@@ -89,6 +89,9 @@ pub enum Outcome {
 /// Loads `opts.dir` now and publishes it if it is good. Blocking (file
 /// reads, compilation, tests): call it off the async workers.
 pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
+    let current = targets.policy.load_full();
+    // The capacity is a startup setting; the cache itself starts empty.
+    let cache_capacity = current.decision_cache().capacity();
     let loaded = PolicySnapshot::load_checked(
         &opts.dir,
         &opts.query,
@@ -96,14 +99,16 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
         opts.require_tests_pass,
         opts.evaluator,
     )
-    .and_then(|s| s.with_egress_query(opts.egress_query.as_deref()));
-    let current = targets.policy.load_full();
+    .and_then(|s| s.with_egress_query(opts.egress_query.as_deref()))
+    .map(|s| s.with_decision_cache(cache_capacity));
     match loaded {
         Ok(snapshot) if snapshot.revision == current.revision => Outcome::Unchanged,
         Ok(snapshot) => {
             let revision = snapshot.revision.clone();
             let evaluator = snapshot.evaluator;
             let evaluator_reason = snapshot.evaluator_reason.clone();
+            let decision_cache = snapshot.decision_cache().enabled();
+            let decision_cache_reason = snapshot.decision_cache().reason();
             let detail = format!(
                 "revision {} from {} ({}), replacing {}",
                 revision,
@@ -125,6 +130,8 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
                 policy_revision = %revision,
                 policy_evaluator = evaluator,
                 %evaluator_reason,
+                decision_cache,
+                %decision_cache_reason,
                 "policy reloaded"
             );
             Outcome::Swapped { revision }
@@ -266,5 +273,43 @@ mod tests {
         assert_eq!(last.to_json()["result"], "error");
         let errors = targets.metrics.policy_reloads.with_label_values(&["error"]);
         assert_eq!(errors.get(), 1);
+    }
+
+    #[test]
+    fn a_reload_starts_an_empty_decision_cache_of_the_same_capacity() {
+        use crate::policy::CacheUse;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.rego"), GOOD).unwrap();
+        std::fs::write(dir.path().join("t_test.rego"), TEST).unwrap();
+        let (opts, targets, _audit) = setup(dir.path());
+        let sized = PolicySnapshot::clone(&targets.policy.load()).with_decision_cache(7);
+        targets.policy.store(Arc::new(sized));
+        let input = regorus::Value::from_json_str(r#"{"ok": true}"#).unwrap();
+        let old = targets.policy.load_full();
+        old.evaluate(input.clone()).unwrap();
+        assert_eq!(old.evaluate(input.clone()).unwrap().cache, CacheUse::Hit);
+
+        // The new policy denies what the old one allowed: a decision kept
+        // across the reload would be the old policy's.
+        std::fs::write(
+            dir.path().join("t.rego"),
+            "package t\nimport rego.v1\ndefault allow := false\nallow if input.ok == \"yes\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("t_test.rego"),
+            "package t_test\nimport rego.v1\ntest_ok if data.t.allow with input as {\"ok\": \"yes\"}\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            reload_now(&opts, &targets),
+            Outcome::Swapped { .. }
+        ));
+        let new = targets.policy.load_full();
+        assert_eq!(new.decision_cache().capacity(), 7);
+        assert_eq!(new.decision_cache().len(), 0);
+        let d = new.evaluate(input).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.cache, CacheUse::Miss);
     }
 }

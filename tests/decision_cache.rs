@@ -1,0 +1,123 @@
+//! The policy decision cache on the real data path: hits are counted,
+//! audited as cached, and never change what is decided.
+
+mod common;
+
+use common::*;
+
+const HIT: &str = "portcullis_policy_decision_cache_total{result=\"hit\"}";
+const MISS: &str = "portcullis_policy_decision_cache_total{result=\"miss\"}";
+const UNCACHEABLE: &str = "portcullis_policy_decision_cache_total{result=\"uncacheable\"}";
+
+#[tokio::test]
+async fn identical_requests_hit_and_are_audited_like_evaluated_ones() {
+    let mut h = Harness::start().await;
+    let client = h.pki.client(CHECKOUT);
+    for _ in 0..2 {
+        let r = h
+            .call(client.clone(), "GET", "/v1/payments/p1", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let denied = h
+        .call(client.clone(), "GET", "/v1/reports", &[])
+        .await
+        .unwrap();
+    assert_eq!(denied.status, 403);
+    // The denied path was evaluated, not served the allow.
+    let again = h.call(client, "GET", "/v1/reports", &[]).await.unwrap();
+    assert_eq!(again.status, 403);
+    assert_eq!(h.service.received().len(), 2);
+
+    let metrics = h.scrape().await;
+    assert_eq!(sample(&metrics, HIT), 2.0, "{metrics}");
+    assert_eq!(sample(&metrics, MISS), 2.0, "{metrics}");
+    assert_eq!(sample(&metrics, UNCACHEABLE), 0.0, "{metrics}");
+
+    let (status, body) = admin_get(h.running().admin_addr, "/policy").await;
+    assert_eq!(status, 200);
+    let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let cache = &policy["decision_cache"];
+    assert_eq!(cache["enabled"], true, "{body}");
+    assert_eq!(cache["entries"], 2, "{body}");
+    assert_eq!(cache["capacity"], 10_000, "{body}");
+    assert!(cache["reads"]
+        .as_array()
+        .unwrap()
+        .contains(&"input.attributes.request.http.headers".into()));
+    assert!(cache["reason"]
+        .as_str()
+        .unwrap()
+        .contains("repeat across requests"));
+
+    let events = h.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 4);
+    let validator = schema();
+    for e in &reqs {
+        assert!(validator.is_valid(e), "{e}");
+    }
+    let cached: Vec<bool> = reqs
+        .iter()
+        .map(|e| e["decision"].get("cached").is_some())
+        .collect();
+    assert_eq!(cached, [false, true, false, true]);
+    assert_eq!(reqs[1]["decision"]["cached"], true);
+    // Same decision, each with its own request id.
+    assert_eq!(reqs[0]["decision"]["allowed"], true);
+    assert_eq!(reqs[0]["decision"]["reason"], reqs[1]["decision"]["reason"]);
+    assert_eq!(
+        reqs[0]["decision"]["policy_revision"],
+        reqs[1]["decision"]["policy_revision"]
+    );
+    assert_ne!(reqs[0]["request_id"], reqs[1]["request_id"]);
+    assert_eq!(reqs[2]["decision"]["allowed"], false);
+    assert_eq!(reqs[2]["response"]["status"], 403);
+    assert_eq!(reqs[2]["decision"]["reason"], reqs[3]["decision"]["reason"]);
+}
+
+#[tokio::test]
+async fn a_policy_reading_the_request_time_is_never_served_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.rego"),
+        "package portcullis.authz\nimport rego.v1\n\
+         default allow := false\nallow if input.attributes.request.time != \"\"\n",
+    )
+    .unwrap();
+    let h = Harness::start_with(dir.path(), |_| {}).await;
+    let client = h.pki.client(CHECKOUT);
+    for _ in 0..2 {
+        let r = h.call(client.clone(), "GET", "/v1/x", &[]).await.unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let metrics = h.scrape().await;
+    assert_eq!(sample(&metrics, UNCACHEABLE), 2.0, "{metrics}");
+    assert_eq!(sample(&metrics, HIT), 0.0, "{metrics}");
+    let (_, body) = admin_get(h.running().admin_addr, "/policy").await;
+    let policy: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(policy["decision_cache"]["enabled"], false, "{body}");
+    assert!(policy["decision_cache"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("input.attributes.request.time"));
+}
+
+#[tokio::test]
+async fn decision_cache_zero_turns_it_off() {
+    let h = Harness::start_with(&shipped_policy(), |c| c.policy.decision_cache = 0).await;
+    let client = h.pki.client(CHECKOUT);
+    for _ in 0..2 {
+        let r = h
+            .call(client.clone(), "GET", "/v1/payments/p1", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, 200);
+    }
+    let metrics = h.scrape().await;
+    assert_eq!(sample(&metrics, UNCACHEABLE), 2.0, "{metrics}");
+    let (_, body) = admin_get(h.running().admin_addr, "/config").await;
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(config["policy"]["decision_cache"], 0, "{body}");
+}
