@@ -113,6 +113,55 @@ async fn http2_is_served_and_forwarded() {
     assert_eq!(got[0].headers["x-spiffe-id"], REPORTING);
 }
 
+/// Each ALPN outcome has its own connection type (proxy.rs): HTTP/1.1 and
+/// h2 are served directly, and a client that negotiated nothing is sniffed,
+/// so both HTTP/1.1 and HTTP/2 with prior knowledge still work without ALPN.
+#[tokio::test]
+async fn every_alpn_outcome_is_served_and_forwarded_with_identity() {
+    use http_body_util::{BodyExt, Empty};
+    let h = Harness::start().await;
+    let addr = h.running().inbound_addr;
+    let path = "/v1/payments/pay_1001";
+
+    for alpn in [&[b"http/1.1".as_slice()][..], &[], &[b"h2".as_slice()]] {
+        let (client, _) = h.pki.client_with(&LeafSpec::svid(CHECKOUT), alpn);
+        let reply = h.call(client, "GET", path, &[]).await.unwrap();
+        assert_eq!(reply.status, 200, "ALPN {alpn:?}: {:?}", reply.body);
+        let expected = if alpn.is_empty() || alpn[0] == b"http/1.1" {
+            http::Version::HTTP_11
+        } else {
+            http::Version::HTTP_2
+        };
+        assert_eq!(reply.version, expected, "ALPN {alpn:?}");
+    }
+
+    // No ALPN, HTTP/2 with prior knowledge.
+    let (client, _) = h.pki.client_with(&LeafSpec::svid(CHECKOUT), &[]);
+    let tls = connect_tls(addr, client).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("https://localhost:{}{path}", addr.port()))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await.unwrap();
+
+    let got = h.service.received();
+    assert_eq!(got.len(), 4, "every call reaches the service once");
+    for r in &got {
+        assert_eq!(r.uri, path);
+        assert_eq!(r.headers["x-spiffe-id"], CHECKOUT);
+    }
+}
+
 #[tokio::test]
 async fn unsafe_paths_are_refused_before_policy_and_safe_ones_normalised() {
     let mut h = Harness::start().await;
