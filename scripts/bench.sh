@@ -2,7 +2,7 @@
 # One command for the issue 7 benchmark: install the peers we compare
 # against when missing, then run `cargo bench --bench proxy`.
 #
-#   scripts/bench.sh                 # full run, ~6 minutes on 2 cores
+#   scripts/bench.sh                 # full run, ~9 minutes on 2 cores (after the build)
 #   scripts/bench.sh --quick         # a few seconds per target
 #   scripts/bench.sh --rate 5000     # extra flags go to the bench
 #
