@@ -292,9 +292,7 @@ impl Loop {
                         self.take(&mut batch);
                     }
                     Wait::SyncDue => {
-                        self.out.sync();
-                        self.last_sync = Instant::now();
-                        self.unsynced = false;
+                        self.sync_now();
                         continue;
                     }
                     Wait::Closed => break,
@@ -478,6 +476,12 @@ impl Loop {
         self.chain = self.committed.clone();
     }
 
+    fn sync_now(&mut self) {
+        self.out.sync();
+        self.last_sync = Instant::now();
+        self.unsynced = false;
+    }
+
     fn maybe_sync(&mut self) {
         let due = match self.fsync {
             Fsync::Never => false,
@@ -490,9 +494,9 @@ impl Loop {
             Fsync::Interval => self.last_sync.elapsed() >= SYNC_INTERVAL,
         };
         if due {
-            self.out.sync();
-            self.last_sync = Instant::now();
+            self.sync_now();
+        } else {
+            self.unsynced = true;
         }
-        self.unsynced = !due;
     }
 }
