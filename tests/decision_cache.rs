@@ -13,13 +13,7 @@ const UNCACHEABLE: &str = "portcullis_policy_decision_cache_total{result=\"uncac
 async fn identical_requests_hit_and_are_audited_like_evaluated_ones() {
     let mut h = Harness::start().await;
     let client = h.pki.client(CHECKOUT);
-    for _ in 0..2 {
-        let r = h
-            .call(client.clone(), "GET", "/v1/payments/p1", &[])
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200);
-    }
+    get_twice_ok(&h, &client, "/v1/payments/p1").await;
     let denied = h
         .call(client.clone(), "GET", "/v1/reports", &[])
         .await
@@ -88,10 +82,7 @@ async fn a_policy_reading_the_request_time_is_never_served_from_the_cache() {
     .unwrap();
     let h = Harness::start_with(dir.path(), |_| {}).await;
     let client = h.pki.client(CHECKOUT);
-    for _ in 0..2 {
-        let r = h.call(client.clone(), "GET", "/v1/x", &[]).await.unwrap();
-        assert_eq!(r.status, 200);
-    }
+    get_twice_ok(&h, &client, "/v1/x").await;
     let metrics = h.scrape().await;
     assert_eq!(sample(&metrics, UNCACHEABLE), 2.0, "{metrics}");
     assert_eq!(sample(&metrics, HIT), 0.0, "{metrics}");
@@ -108,16 +99,18 @@ async fn a_policy_reading_the_request_time_is_never_served_from_the_cache() {
 async fn decision_cache_zero_turns_it_off() {
     let h = Harness::start_with(&shipped_policy(), |c| c.policy.decision_cache = 0).await;
     let client = h.pki.client(CHECKOUT);
-    for _ in 0..2 {
-        let r = h
-            .call(client.clone(), "GET", "/v1/payments/p1", &[])
-            .await
-            .unwrap();
-        assert_eq!(r.status, 200);
-    }
+    get_twice_ok(&h, &client, "/v1/payments/p1").await;
     let metrics = h.scrape().await;
     assert_eq!(sample(&metrics, UNCACHEABLE), 2.0, "{metrics}");
     let (_, body) = admin_get(h.running().admin_addr, "/config").await;
     let config: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(config["policy"]["decision_cache"], 0, "{body}");
+}
+
+/// The same allowed request twice, on fresh connections.
+async fn get_twice_ok(h: &Harness, client: &std::sync::Arc<rustls::ClientConfig>, path: &str) {
+    for _ in 0..2 {
+        let r = h.call(client.clone(), "GET", path, &[]).await.unwrap();
+        assert_eq!(r.status, 200, "{path}: {:?}", r.body);
+    }
 }
