@@ -4,8 +4,9 @@
 //! Why not the process's multi-threaded runtime: there a request hops
 //! between threads (the accept, the TLS stream, the upstream pool's
 //! connection task and work stealing each wake whichever worker is free),
-//! and on a loaded two-core pod those wake-ups and context switches cost a
-//! fifth of the CPU of a request (issue 7's profile). Here a connection,
+//! and on a loaded two-core pod those wake-ups and context switches were
+//! a large share of a request's CPU (docs/performance.md, "Second round":
+//! 10-20% in issue 7's runs). Here a connection,
 //! its requests and the upstream connections it uses stay on one thread
 //! from accept to close, as in nginx's worker processes. Every worker
 //! shares the identity and policy snapshots, the audit sink, the metrics,
