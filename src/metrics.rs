@@ -42,6 +42,7 @@ pub struct Metrics {
     pub policy_reloads: IntCounterVec,
     pub audit_written: IntCounter,
     pub audit_dropped: IntCounter,
+    pub audit_syncs: IntCounter,
     /// kind = connect | timeout | protocol | circuit_open
     pub upstream_errors: IntCounterVec,
     pub rate_limited: IntCounter,
@@ -140,6 +141,10 @@ impl Metrics {
                 "portcullis_audit_dropped_total",
                 "Audit events that could not be written",
             )?,
+            audit_syncs: IntCounter::new(
+                "portcullis_audit_fsyncs_total",
+                "Syncs of the audit file to disk (audit.fsync)",
+            )?,
             upstream_errors: IntCounterVec::new(
                 Opts::new(
                     "portcullis_upstream_errors_total",
@@ -176,6 +181,7 @@ impl Metrics {
         registry.register(Box::new(m.policy_reloads.clone()))?;
         registry.register(Box::new(m.audit_written.clone()))?;
         registry.register(Box::new(m.audit_dropped.clone()))?;
+        registry.register(Box::new(m.audit_syncs.clone()))?;
         registry.register(Box::new(m.upstream_errors.clone()))?;
         registry.register(Box::new(m.rate_limited.clone()))?;
         registry.register(Box::new(m.limits_exceeded.clone()))?;

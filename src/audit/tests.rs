@@ -441,3 +441,55 @@ async fn fail_closed_refuses_while_failing_and_loses_nothing_when_it_recovers() 
     assert_eq!(gap["lost"], 0);
     writer.finish().await;
 }
+
+/// `fsync = "interval"`: a line written by an idle writer is synced without
+/// waiting for the next event, and a busy writer syncs about once a
+/// second, not after every batch (syncing whenever the queue ran dry made
+/// it sync after nearly every batch: issue 7's profile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_fsync_syncs_an_idle_trail_and_at_most_once_a_second_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    let metrics = metrics();
+    let mut options = Options::new(path.to_str().unwrap(), 8192);
+    options.fsync = Fsync::Interval;
+    let (sink, writer) = start_with(options, metrics.clone()).unwrap();
+
+    sink.record(Event::with_detail(Kind::Startup, "alone"));
+    wait_until("the lone line to be written", || {
+        metrics.audit_written.get() == 1
+    })
+    .await;
+    wait_until("the idle writer to sync it", || {
+        metrics.audit_syncs.get() >= 1
+    })
+    .await;
+
+    let synced_before = metrics.audit_syncs.get();
+    let started = Instant::now();
+    let mut sent = 1;
+    // Many small bursts with the queue running dry between them: the case
+    // that synced per batch.
+    while started.elapsed() < Duration::from_millis(1500) {
+        for k in 0..20 {
+            sink.record(Event::with_detail(Kind::Startup, format!("busy {k}")));
+        }
+        sent += 20;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    wait_until("every line to be written", || {
+        metrics.audit_written.get() == sent
+    })
+    .await;
+    let batches_synced = metrics.audit_syncs.get() - synced_before;
+    // One per second of writing, plus one at each end of the window.
+    let bound = elapsed.as_secs() + 2;
+    assert!(
+        batches_synced <= bound,
+        "{batches_synced} syncs for {sent} events in {elapsed:?}; at most {bound} expected"
+    );
+    writer.finish().await;
+    assert!(metrics.audit_syncs.get() > synced_before, "shutdown syncs");
+    assert_eq!(verify(&std::fs::read_to_string(&path).unwrap()), Ok(sent));
+}

@@ -150,17 +150,21 @@ impl Output {
         }
     }
 
-    fn sync(&mut self) {
+    /// Whether there was a file to sync (not stdout, a FIFO or a device)
+    /// and the sync succeeded.
+    fn sync(&mut self) -> bool {
         if let Output::File {
             file,
             regular: true,
             ..
         } = self
         {
-            if let Err(e) = file.sync_data() {
-                tracing::error!(error = %e, "audit fsync failed");
+            match file.sync_data() {
+                Ok(()) => return true,
+                Err(e) => tracing::error!(error = %e, "audit fsync failed"),
             }
         }
+        false
     }
 
     /// `path` -> `path.1` -> ... -> `path.keep`, then a fresh `path`.
@@ -327,7 +331,7 @@ impl Loop {
             }
         }
         if self.fsync != Fsync::Never {
-            self.out.sync();
+            self.sync_now();
         }
     }
 
@@ -477,7 +481,9 @@ impl Loop {
     }
 
     fn sync_now(&mut self) {
-        self.out.sync();
+        if self.out.sync() {
+            self.metrics.audit_syncs.inc();
+        }
         self.last_sync = Instant::now();
         self.unsynced = false;
     }
