@@ -18,7 +18,8 @@
 //! `--quick`, `--seconds N`, `--rounds N`, `--connections N`,
 //! `--rate R` (open-loop requests/s; default half of nginx's keep-alive
 //! rate), `--modes keep-alive,open,light,new` (a subset), `--idle N` (idle
-//! connections held for the memory measurement; 0 skips it), `--out FILE`.
+//! connections held for the memory measurement; 0 skips it), `--only
+//! name,name` (just these targets, e.g. to profile one), `--out FILE`.
 
 mod load;
 mod peers;
@@ -48,39 +49,45 @@ fn main() {
     let certs = Certs::write(dir.path());
     let (upstream, upstream_addr) = upstream::spawn();
 
-    let mut targets = vec![
-        Target::direct(&upstream, upstream_addr),
-        targets::portcullis(
-            "portcullis",
-            dir.path(),
-            &certs,
-            upstream_addr,
-            &dir.path().join("audit.log"),
-            DECISION_CACHE,
-        ),
-        targets::portcullis(
-            "portcullis-audit-off",
-            dir.path(),
-            &certs,
-            upstream_addr,
-            Path::new("/dev/null"),
-            DECISION_CACHE,
-        ),
+    // Only what `--only` names is started, so a profiler wrapped around
+    // one target (PORTCULLIS_BENCH_WRAP) sees just that process.
+    let wanted = |name: &str| {
+        options
+            .only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|n| n == name))
+    };
+    let portcullis = |name: &'static str, audit: &Path, decision_cache: usize| {
+        wanted(name).then(|| {
+            targets::portcullis(
+                name,
+                dir.path(),
+                &certs,
+                upstream_addr,
+                audit,
+                decision_cache,
+            )
+        })
+    };
+    let mut targets: Vec<Target> = [
+        wanted("direct").then(|| Target::direct(&upstream, upstream_addr)),
+        portcullis("portcullis", &dir.path().join("audit.log"), DECISION_CACHE),
+        portcullis("portcullis-audit-off", Path::new("/dev/null"), DECISION_CACHE),
         // Every request decided by the RVM, as for callers whose headers
         // differ per request (a unique traceparent): the generator repeats
         // one request, so with the cache every decision after the first is
         // a hit.
-        targets::portcullis(
-            "portcullis-uncached",
-            dir.path(),
-            &certs,
-            upstream_addr,
-            &dir.path().join("audit-uncached.log"),
-            0,
-        ),
-    ];
-    targets.extend(peers::nginx(dir.path(), &certs, upstream_addr));
-    targets.extend(peers::haproxy(dir.path(), &certs, upstream_addr));
+        portcullis("portcullis-uncached", &dir.path().join("audit-uncached.log"), 0),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if wanted("nginx") {
+        targets.extend(peers::nginx(dir.path(), &certs, upstream_addr));
+    }
+    if wanted("haproxy") {
+        targets.extend(peers::haproxy(dir.path(), &certs, upstream_addr));
+    }
 
     // The generator gets the same two worker threads as every target.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -111,6 +118,8 @@ pub struct Options {
     pub idle: usize,
     /// The load modes to run, by their names in the report.
     pub modes: Vec<Mode>,
+    /// `--only`: the names of the targets to keep.
+    pub only: Option<Vec<String>>,
     pub out: PathBuf,
 }
 
@@ -156,6 +165,11 @@ impl Options {
                 }
                 None => Mode::ALL.to_vec(),
             },
+            only: args
+                .iter()
+                .position(|a| a == "--only")
+                .and_then(|i| args.get(i + 1))
+                .map(|names| names.split(',').map(str::to_owned).collect()),
             out,
         }
     }

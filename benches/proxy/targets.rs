@@ -173,7 +173,19 @@ listen = "127.0.0.1:0"
     // errors on its evaluation path, and with capture on every request
     // pays for a stack walk (libgcc's unwinder alone was 7% of the CPU
     // samples).
-    let child = Command::new(PORTCULLIS)
+    // PORTCULLIS_BENCH_WRAP="heaptrack -o /tmp/ht" (or perf, valgrind...)
+    // runs the sidecar under a profiler, with everything else unchanged.
+    let wrap = std::env::var("PORTCULLIS_BENCH_WRAP").unwrap_or_default();
+    let mut wrap = wrap.split_whitespace();
+    let mut command = match wrap.next() {
+        Some(tool) => {
+            let mut c = Command::new(tool);
+            c.args(wrap).arg(PORTCULLIS);
+            c
+        }
+        None => Command::new(PORTCULLIS),
+    };
+    let child = command
         .arg("run")
         .arg("--config")
         .arg(&config)
