@@ -236,14 +236,51 @@ impl PolicySnapshot {
     /// deny: this layer never guesses a decision, and never caches an
     /// error.
     pub fn evaluate(&self, input: Value) -> Result<Decision, Error> {
-        let Some(key) = self.decision_cache.key(&input) else {
-            return self.evaluate_uncached(input);
+        let key = self.decision_cache.key(&input);
+        self.decide(key, || input)
+    }
+
+    /// Decides one inbound request. On a decision cache hit the input
+    /// document is never built: the key is made from the fields the policy
+    /// reads.
+    pub fn evaluate_request(
+        &self,
+        facts: &RequestFacts,
+        body: Option<input::BodyFacts>,
+    ) -> Result<Decision, Error> {
+        let key = match body {
+            None => self.decision_cache.key_for(facts),
+            Some(_) => None,
+        };
+        match key {
+            Some(key) => self.decide(Some(key), || input::build_input(facts)),
+            // A body, caching off, or a read only the whole document can
+            // answer: `evaluate` keys (or not) from the document.
+            None => {
+                let mut document = input::build_input(facts);
+                if let Some(body) = body {
+                    input::add_body(&mut document, body.kind, body.complete, body.truncated);
+                }
+                self.evaluate(document)
+            }
+        }
+    }
+
+    /// Looks `key` up, else evaluates the input `make` builds and stores
+    /// the decision under `key`. No key: evaluated and not stored.
+    fn decide(
+        &self,
+        key: Option<Vec<u8>>,
+        make: impl FnOnce() -> Value,
+    ) -> Result<Decision, Error> {
+        let Some(key) = key else {
+            return self.evaluate_uncached(make());
         };
         if let Some(mut hit) = self.decision_cache.get(&key) {
             hit.cache = CacheUse::Hit;
             return Ok(hit);
         }
-        let mut decision = self.evaluate_uncached(input)?;
+        let mut decision = self.evaluate_uncached(make())?;
         self.decision_cache.insert(key, &decision);
         decision.cache = CacheUse::Miss;
         Ok(decision)

@@ -39,7 +39,7 @@ use crate::config::PolicyMode;
 use crate::drain;
 use crate::identity::{IdentitySnapshot, SpiffeId};
 use crate::metrics::Metrics;
-use crate::policy::input::{add_body, build_input, RequestFacts};
+use crate::policy::input::{BodyFacts, RequestFacts};
 use crate::policy::{CacheUse, Decision, PolicySnapshot};
 use crate::tls::{self, PeerIdentity};
 
@@ -660,16 +660,12 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         destination_spiffe_id: ctx.own_id.as_str(),
         time: SystemTime::now(),
     };
-    let mut input = build_input(&facts);
-    if let Some((kind, prefix)) = &body_prefix {
-        add_body(
-            &mut input,
-            *kind,
-            prefix.complete.as_deref(),
-            prefix.truncated,
-        );
-    }
-    let evaluated = policy.evaluate(input);
+    let body_facts = body_prefix.as_ref().map(|(kind, prefix)| BodyFacts {
+        kind: *kind,
+        complete: prefix.complete.as_deref(),
+        truncated: prefix.truncated,
+    });
+    let evaluated = policy.evaluate_request(&facts, body_facts);
     shared
         .metrics
         .policy_eval_duration

@@ -72,12 +72,20 @@ fn main() {
     let mut targets: Vec<Target> = [
         wanted("direct").then(|| Target::direct(&upstream, upstream_addr)),
         portcullis("portcullis", &dir.path().join("audit.log"), DECISION_CACHE),
-        portcullis("portcullis-audit-off", Path::new("/dev/null"), DECISION_CACHE),
+        portcullis(
+            "portcullis-audit-off",
+            Path::new("/dev/null"),
+            DECISION_CACHE,
+        ),
         // Every request decided by the RVM, as for callers whose headers
         // differ per request (a unique traceparent): the generator repeats
         // one request, so with the cache every decision after the first is
         // a hit.
-        portcullis("portcullis-uncached", &dir.path().join("audit-uncached.log"), 0),
+        portcullis(
+            "portcullis-uncached",
+            &dir.path().join("audit-uncached.log"),
+            0,
+        ),
     ]
     .into_iter()
     .flatten()

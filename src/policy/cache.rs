@@ -64,6 +64,7 @@ use std::sync::{Arc, Mutex};
 
 use regorus::Value;
 
+use super::input::{self, RequestFacts};
 use super::Decision;
 
 /// `policy.decision_cache` when the configuration does not set it.
@@ -238,7 +239,20 @@ impl DecisionCache {
         }
         let mut key = Vec::with_capacity(256);
         for path in &self.lookups {
-            encode_at(input, path, &mut key);
+            encode_at(input, path, 0, &mut key);
+        }
+        Some(key)
+    }
+
+    /// The same key as [`key`](Self::key) gives for the document built from
+    /// `facts` (without a body), made from the read fields alone. `None`
+    /// when caching is off or a read path needs the whole document.
+    pub fn key_for(&self, facts: &RequestFacts) -> Option<Vec<u8>> {
+        self.store.as_ref()?;
+        let mut key = Vec::with_capacity(256);
+        for path in &self.lookups {
+            let (value, depth) = input::field(facts, path)?;
+            encode_at(&value, &path[depth..], depth, &mut key);
         }
         Some(key)
     }
@@ -312,10 +326,12 @@ impl Generations {
 /// Appends the value at `path` below `value`, tagged and length-prefixed so
 /// that no two different lookups share an encoding. When the walk meets a
 /// non-object before the end, the whole value there is encoded: the policy
-/// can only derive from it what it contains.
-fn encode_at(value: &Value, path: &[Value], out: &mut Vec<u8>) {
+/// can only derive from it what it contains. `value` is itself `skipped`
+/// segments below the document's root, so that depths are counted from the
+/// root whichever way the key is made.
+fn encode_at(value: &Value, path: &[Value], skipped: usize, out: &mut Vec<u8>) {
     let mut at = value;
-    for (depth, segment) in path.iter().enumerate() {
+    for (depth, segment) in (skipped..).zip(path) {
         match at {
             Value::Object(map) => match map.get(segment) {
                 Some(next) => at = next,
@@ -1034,6 +1050,117 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every path through `value` (prefixes included), one segment past
+    /// each leaf, and an absent name inside every object.
+    fn paths_through(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Path>) {
+        out.push(prefix.clone());
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map.iter() {
+                    if let Value::String(k) = k {
+                        prefix.push(k.to_string());
+                        paths_through(v, prefix, out);
+                        prefix.pop();
+                    }
+                }
+                prefix.push("absent".to_owned());
+                out.push(prefix.clone());
+                prefix.pop();
+            }
+            _ => {
+                prefix.push("below".to_owned());
+                out.push(prefix.clone());
+                prefix.pop();
+            }
+        }
+    }
+
+    #[test]
+    fn keys_made_from_request_fields_are_the_keys_of_the_document() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("idempotency-key", http::HeaderValue::from_static("k-1"));
+        headers.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_static("10.0.0.1"),
+        );
+        headers.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_static("10.0.0.2"),
+        );
+        headers.append("x-bin", http::HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        let empty = http::HeaderMap::new();
+        let requests = [
+            ("GET", "/v1/payments/42", Some("a=1&a=2&b"), &headers),
+            ("BREW", "/", None, &empty),
+            ("POST", "/v1/a%20b/", Some(""), &headers),
+        ];
+        let mut resolved = 0;
+        for (method, path, query, headers) in requests {
+            let facts = RequestFacts {
+                request_id: "req-1",
+                method,
+                path,
+                query,
+                host: "payments",
+                scheme: "https",
+                protocol: "HTTP/1.1",
+                headers,
+                source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
+                source_trust_domain: "pay.example",
+                source_path: "/ns/shop/sa/checkout",
+                source_addr: "127.0.0.1:4000".parse().unwrap(),
+                destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
+                time: std::time::SystemTime::now(),
+            };
+            let document = input::build_input(&facts);
+            let mut paths = Vec::new();
+            paths_through(&document, &mut vec!["input".to_owned()], &mut paths);
+            for path in paths {
+                let c = DecisionCache::new(
+                    Analysis {
+                        reads: vec![path.clone()],
+                        disabled: None,
+                    },
+                    10,
+                );
+                if let Some(k) = c.key_for(&facts) {
+                    assert_eq!(k, c.key(&document).unwrap(), "{}", display_path(&path));
+                    resolved += 1;
+                }
+            }
+        }
+        // The fields `input::field` answers, and the paths below them.
+        assert!(resolved > 40, "only {resolved} paths resolved from fields");
+
+        // The shipped policy is keyed without building the document.
+        let shipped = analyze([("authz.rego", include_str!("../../policies/authz.rego"))]);
+        assert_eq!(shipped.disabled, None);
+        let c = DecisionCache::new(shipped, 10);
+        let facts = RequestFacts {
+            request_id: "req-1",
+            method: "GET",
+            path: "/v1/payments/42",
+            query: None,
+            host: "payments",
+            scheme: "https",
+            protocol: "HTTP/1.1",
+            headers: &headers,
+            source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
+            source_trust_domain: "pay.example",
+            source_path: "/ns/shop/sa/checkout",
+            source_addr: "127.0.0.1:4000".parse().unwrap(),
+            destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
+            time: std::time::SystemTime::now(),
+        };
+        assert_eq!(
+            c.key_for(&facts),
+            c.key(&input::build_input(&facts)),
+            "reads: {:?}",
+            c.reads_display()
+        );
+        assert!(c.key_for(&facts).is_some());
     }
 
     // === through a snapshot ===

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::LazyLock;
 use std::time::SystemTime;
 
 use regorus::Value;
@@ -34,64 +35,163 @@ pub struct RequestFacts<'a> {
 /// Built directly rather than through `serde_json::Value`: this runs on
 /// every request, and going through JSON would build the tree twice.
 pub fn build_input(f: &RequestFacts) -> Value {
-    let full_path = match f.query {
-        Some(q) => format!("{}?{}", f.path, q),
-        None => f.path.to_owned(),
-    };
-
+    let k = &*KEYS;
     let http = object([
-        ("id", f.request_id.into()),
-        ("method", f.method.into()),
-        ("path", full_path.into()),
-        ("host", f.host.into()),
-        ("scheme", f.scheme.into()),
-        ("protocol", f.protocol.into()),
-        ("headers", headers(f.headers)),
+        (&k.id, f.request_id.into()),
+        (&k.method, constant(f.method)),
+        (&k.path, full_path(f)),
+        (&k.host, f.host.into()),
+        (&k.scheme, constant(f.scheme)),
+        (&k.protocol, constant(f.protocol)),
+        (&k.headers, headers(f.headers)),
     ]);
 
     let attributes = object([
         (
-            "source",
+            &k.source,
             object([
-                ("principal", f.source_spiffe_id.into()),
+                (&k.principal, f.source_spiffe_id.into()),
                 (
-                    "address",
+                    &k.address,
                     object([(
-                        "socketAddress",
+                        &k.socket_address,
                         object([
-                            ("address", f.source_addr.ip().to_string().into()),
-                            ("portValue", u64::from(f.source_addr.port()).into()),
+                            (&k.address, f.source_addr.ip().to_string().into()),
+                            (&k.port_value, u64::from(f.source_addr.port()).into()),
                         ]),
                     )]),
                 ),
             ]),
         ),
         (
-            "destination",
-            object([("principal", f.destination_spiffe_id.into())]),
+            &k.destination,
+            object([(&k.principal, f.destination_spiffe_id.into())]),
         ),
         (
-            "request",
+            &k.request,
             object([
-                ("time", crate::rfc3339::millis(f.time).into()),
-                ("http", http),
+                (&k.time, crate::rfc3339::millis(f.time).into()),
+                (&k.http, http),
             ]),
         ),
     ]);
 
     object([
-        ("attributes", attributes),
-        ("parsed_path", parsed_path(f.path)),
-        ("parsed_query", parsed_query(f.query)),
+        (&k.attributes, attributes),
+        (&k.parsed_path, parsed_path(f.path)),
+        (&k.parsed_query, parsed_query(f.query)),
         (
-            "source",
+            &k.source,
             object([
-                ("spiffe_id", f.source_spiffe_id.into()),
-                ("trust_domain", f.source_trust_domain.into()),
-                ("path", f.source_path.into()),
+                (&k.spiffe_id, f.source_spiffe_id.into()),
+                (&k.trust_domain, f.source_trust_domain.into()),
+                (&k.path, f.source_path.into()),
             ]),
         ),
     ])
+}
+
+/// The value [`build_input`] puts at the start of `path` (the segments
+/// below `input`), built on its own, and how many segments of `path` it
+/// stands for; the rest of `path` is inside the value. `None` when the path
+/// does not start with one of the fields below, and only the whole
+/// document can answer it.
+///
+/// This is how the decision cache keys a request without building the
+/// document: on a hit nothing else is made. It covers the fields that can
+/// be keyed at all (the per-request ones turn the cache off), and a test
+/// checks each against the document.
+pub fn field(f: &RequestFacts, path: &[Value]) -> Option<(Value, usize)> {
+    let segment = |i: usize| match path.get(i) {
+        Some(Value::String(s)) => Some(&**s),
+        _ => None,
+    };
+    let found = match (segment(0)?, segment(1), segment(2), segment(3)) {
+        ("source", Some("spiffe_id"), ..) => (f.source_spiffe_id.into(), 2),
+        ("source", Some("trust_domain"), ..) => (f.source_trust_domain.into(), 2),
+        ("source", Some("path"), ..) => (f.source_path.into(), 2),
+        ("attributes", Some("source"), Some("principal"), _) => (f.source_spiffe_id.into(), 3),
+        ("attributes", Some("destination"), Some("principal"), _) => {
+            (f.destination_spiffe_id.into(), 3)
+        }
+        ("attributes", Some("request"), Some("http"), Some(name)) => {
+            let value = match name {
+                "method" => constant(f.method),
+                "path" => full_path(f),
+                "host" => f.host.into(),
+                "scheme" => constant(f.scheme),
+                "protocol" => constant(f.protocol),
+                "headers" => headers(f.headers),
+                _ => return None,
+            };
+            (value, 4)
+        }
+        ("parsed_path", ..) => (parsed_path(f.path), 1),
+        ("parsed_query", ..) => (parsed_query(f.query), 1),
+        _ => return None,
+    };
+    Some(found)
+}
+
+/// The document's object keys, made once: each would otherwise be a
+/// reference-counted string allocated per request (about 30 of them).
+macro_rules! keys {
+    ($($field:ident = $name:literal),* $(,)?) => {
+        struct Keys { $($field: Value),* }
+        static KEYS: LazyLock<Keys> = LazyLock::new(|| Keys { $($field: Value::from($name)),* });
+    };
+}
+
+keys! {
+    address = "address",
+    attributes = "attributes",
+    destination = "destination",
+    headers = "headers",
+    host = "host",
+    http = "http",
+    id = "id",
+    method = "method",
+    parsed_path = "parsed_path",
+    parsed_query = "parsed_query",
+    path = "path",
+    port_value = "portValue",
+    principal = "principal",
+    protocol = "protocol",
+    request = "request",
+    scheme = "scheme",
+    socket_address = "socketAddress",
+    source = "source",
+    spiffe_id = "spiffe_id",
+    time = "time",
+    trust_domain = "trust_domain",
+}
+
+/// Strings that recur on nearly every request, made once for the same
+/// reason as [`KEYS`].
+static CONSTANTS: LazyLock<Vec<Value>> = LazyLock::new(|| {
+    [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "https", "http", "HTTP/1.1",
+        "HTTP/2",
+    ]
+    .into_iter()
+    .map(Value::from)
+    .collect()
+});
+
+/// `s` as a value, shared when it is one of [`CONSTANTS`].
+fn constant(s: &str) -> Value {
+    CONSTANTS
+        .iter()
+        .find(|c| matches!(c, Value::String(c) if &**c == s))
+        .cloned()
+        .unwrap_or_else(|| Value::from(s))
+}
+
+fn full_path(f: &RequestFacts) -> Value {
+    match f.query {
+        Some(q) => Value::from(format!("{}?{}", f.path, q)),
+        None => Value::from(f.path),
+    }
 }
 
 /// The body formats the policy can be shown parsed.
@@ -123,6 +223,15 @@ impl BodyKind {
     }
 }
 
+/// The body prefix the proxy read for the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyFacts<'a> {
+    pub kind: BodyKind,
+    /// The whole body, when it fit in the limit.
+    pub complete: Option<&'a [u8]>,
+    pub truncated: bool,
+}
+
 /// Adds `parsed_body` (when the whole body was read and parses) and
 /// `truncated_body` to an input document from [`build_input`]. A body that
 /// does not parse gets no `parsed_body`, so a policy that needs one denies.
@@ -147,11 +256,11 @@ pub fn build_input_json(f: &RequestFacts) -> serde_json::Value {
     serde_json::to_value(build_input(f)).unwrap_or(serde_json::Value::Null)
 }
 
-fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+fn object<const N: usize>(fields: [(&Value, Value); N]) -> Value {
     Value::from(
         fields
             .into_iter()
-            .map(|(k, v)| (Value::from(k), v))
+            .map(|(k, v)| (k.clone(), v))
             .collect::<BTreeMap<_, _>>(),
     )
 }
