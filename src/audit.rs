@@ -81,7 +81,9 @@ pub enum Direction {
 #[derive(Clone, Debug, Serialize)]
 pub struct Event {
     pub ts: String,
-    /// Assigned by the writer, so the order in the file is the order of `seq`.
+    /// Assigned by the writer, so the order in the file is the order of
+    /// `seq`. Never 0 in a written line: 0 means not assigned yet.
+    #[serde(skip_serializing_if = "is_zero")]
     pub seq: u64,
     pub kind: Kind,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,8 +123,13 @@ pub struct Event {
     /// failure, the policy revision loaded...).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    /// Set by the writer: the `hash` of the previous line.
+    /// Set by the writer: the `hash` of the previous line (empty until then).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub prev: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -190,8 +197,18 @@ impl Event {
     pub fn new(kind: Kind) -> Event {
         Event {
             ts: timestamp(SystemTime::now()),
-            seq: 0,
             kind,
+            ..Event::blank()
+        }
+    }
+
+    /// Nothing set, not even the time: what a record leaves behind once
+    /// its event is sent. Allocates nothing.
+    fn blank() -> Event {
+        Event {
+            ts: String::new(),
+            seq: 0,
+            kind: Kind::Request,
             request_id: None,
             direction: None,
             source: None,
@@ -387,7 +404,7 @@ impl Options {
 }
 
 enum Msg {
-    Event(Box<Event>),
+    Event(chain::Prepared),
     Finish,
 }
 
@@ -467,7 +484,7 @@ impl AuditSink {
     /// rejections, lifecycle events). A full queue drops it, counted, logged
     /// and reported in the next `gap` event, never silently.
     pub fn record(&self, event: Event) {
-        if let Err(e) = self.tx.try_send(Msg::Event(Box::new(event))) {
+        if let Err(e) = self.tx.try_send(Msg::Event(chain::Prepared::new(event))) {
             let kind = match &e {
                 mpsc::error::TrySendError::Full(Msg::Event(ev))
                 | mpsc::error::TrySendError::Closed(Msg::Event(ev)) => Some(ev.kind),
@@ -547,12 +564,12 @@ impl RequestRecord {
         if matches!(slot, Slot::Sent) {
             return;
         }
-        let mut event = self.event.clone();
+        let mut event = std::mem::replace(&mut self.event, Event::blank());
         event.response = Some(Response { status });
         event.duration_us = Some(self.started.elapsed().as_micros() as u64);
         match slot {
             Slot::Reserved(permit) => {
-                permit.send(Msg::Event(Box::new(event)));
+                permit.send(Msg::Event(chain::Prepared::new(event)));
             }
             Slot::BestEffort(sink) => sink.record(event),
             Slot::Sent => {}

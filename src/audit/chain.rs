@@ -86,27 +86,87 @@ impl Chain {
     /// as written up to (not including) `,"hash":...`, with the closing
     /// brace: so it covers `prev`, and a verifier needs no JSON
     /// canonicalisation to recompute it.
-    pub fn seal(&mut self, mut event: Event) -> String {
+    pub fn seal(&mut self, event: Event) -> String {
+        let mut line = Vec::new();
+        self.seal_into(&Prepared::new(event), &mut line);
+        // Built from serde_json output and ASCII: always UTF-8.
+        String::from_utf8_lossy(&line).into_owned()
+    }
+
+    /// Appends the sealed line for `event` to `out`: the event's own
+    /// fields as the sender serialized them, with `seq` and `prev` spliced
+    /// into the places serde would have put them.
+    pub fn seal_into(&mut self, event: &Prepared, out: &mut Vec<u8>) {
         self.seq += 1;
-        event.seq = self.seq;
-        event.prev = std::mem::take(&mut self.prev);
-        let mut body = serde_json::to_string(&event).unwrap_or_else(|e| {
+        let start = out.len();
+        let (head, tail) = event.json.split_at(event.ts_end);
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(b",\"seq\":");
+        out.extend_from_slice(self.seq.to_string().as_bytes());
+        // `tail` is `,"kind":...}`: everything after `ts` with its brace.
+        out.extend_from_slice(&tail.as_bytes()[..tail.len().saturating_sub(1)]);
+        out.extend_from_slice(b",\"prev\":\"");
+        out.extend_from_slice(self.prev.as_bytes());
+        out.extend_from_slice(b"\"}");
+        let hash = self.hasher.hash(&out[start..]);
+        out.pop();
+        out.extend_from_slice(b",\"hash\":\"");
+        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(b"\"}\n");
+        self.prev = hash;
+    }
+}
+
+/// An event serialized by whoever records it, without the `seq` and `prev`
+/// only the writer can assign. Serializing on the recording thread keeps
+/// the event's many small strings allocated and freed on one thread: freed
+/// by the writer, each would take the lock of the arena that made it.
+#[derive(Debug)]
+pub struct Prepared {
+    pub kind: super::Kind,
+    /// `{"ts":"...","kind":...}`.
+    json: String,
+    /// Where the `ts` field ends: `seq` goes here.
+    ts_end: usize,
+}
+
+impl Prepared {
+    pub fn new(mut event: Event) -> Prepared {
+        // Omitted by serde when unset; the writer splices in the real ones.
+        event.seq = 0;
+        event.prev.clear();
+        let ts_end = r#"{"ts":"#.len() + json_len(&event.ts);
+        let json = serde_json::to_string(&event).unwrap_or_else(|e| {
             // Serialising plain strings and numbers cannot fail; if it ever
             // did, the line still records that an event existed.
             format!(
-                r#"{{"ts":{:?},"seq":{},"kind":"serialization_error","detail":{:?},"prev":{:?}}}"#,
-                event.ts,
-                event.seq,
-                e.to_string(),
-                event.prev
+                r#"{{"ts":{},"kind":"serialization_error","detail":{}}}"#,
+                serde_json::Value::from(event.ts.as_str()),
+                serde_json::Value::from(e.to_string()),
             )
         });
-        let hash = self.hasher.hash(body.as_bytes());
-        body.pop();
-        body.push_str(",\"hash\":\"");
-        body.push_str(&hash);
-        body.push_str("\"}\n");
-        self.prev = hash;
-        body
+        Prepared {
+            kind: event.kind,
+            json,
+            ts_end,
+        }
     }
+}
+
+/// The length of `s` as a JSON string, quotes and escapes included.
+fn json_len(s: &str) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a string to a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, s);
+    count.0
 }

@@ -493,3 +493,52 @@ async fn interval_fsync_syncs_an_idle_trail_and_at_most_once_a_second_under_load
     assert!(metrics.audit_syncs.get() > synced_before, "shutdown syncs");
     assert_eq!(verify(&std::fs::read_to_string(&path).unwrap()), Ok(sent));
 }
+
+/// The line as it was sealed before events were serialized by their
+/// senders: the whole event, `seq` and `prev` set, hashed up to its brace.
+fn sealed_whole(mut event: Event, seq: u64, prev: &str) -> String {
+    event.seq = seq;
+    event.prev = prev.to_owned();
+    let mut body = serde_json::to_string(&event).unwrap();
+    let hash = Hasher::Sha256.hash(body.as_bytes());
+    body.pop();
+    format!("{body},\"hash\":\"{hash}\"}}\n")
+}
+
+#[test]
+fn lines_spliced_from_prepared_events_are_the_lines_serde_would_write() {
+    let mut full = Event::new(Kind::Request);
+    full.request_id = Some("r-1".into());
+    full.source = Some(Source {
+        spiffe_id: Some("spiffe://pay.example/ns/shop/sa/checkout".into()),
+        address: "127.0.0.1:4000".into(),
+    });
+    full.request = Some(Request {
+        method: "POST".into(),
+        path: "/v1/payments?note=\"quoted\"\\n".into(),
+        headers: Some([("x-a".to_owned(), "é\u{1}".to_owned())].into()),
+    });
+    full.decision = Some(Decision {
+        allowed: true,
+        reason: "allowed by data.authz.decision".into(),
+        policy_revision: "abc".into(),
+        dry_run: false,
+        cached: true,
+    });
+    full.response = Some(Response { status: 200 });
+    full.duration_us = Some(1234);
+    // A time that needs escaping moves where `seq` goes.
+    let mut odd_time = Event::with_detail(Kind::Gap, "x");
+    odd_time.ts = "2026-11-29T00:00:00\"\\Z".into();
+    let bare = Event::new(Kind::Shutdown);
+
+    let mut chain = Chain::new(GENESIS.into());
+    let mut prev = GENESIS.to_owned();
+    for (seq, event) in [full, odd_time, bare].into_iter().enumerate() {
+        let want = sealed_whole(event.clone(), seq as u64 + 1, &prev);
+        let got = chain.seal(event);
+        assert_eq!(got, want);
+        prev = chain.prev().to_owned();
+    }
+    assert_eq!(verify(&trail(3)), Ok(3));
+}

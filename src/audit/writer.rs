@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::chain::Prepared;
 use super::{Chain, Error, Event, Kind, Msg, Options, State, GENESIS};
 use crate::config::{Fsync, OnFull};
 use crate::metrics::Metrics;
@@ -306,7 +307,7 @@ impl Loop {
             let mut finish = false;
             for msg in batch.drain(..) {
                 match msg {
-                    Msg::Event(e) => self.push(*e),
+                    Msg::Event(e) => self.push(e),
                     Msg::Finish => finish = true,
                 }
             }
@@ -315,7 +316,7 @@ impl Loop {
                 // Whatever was queued before the close is still written.
                 self.rx.close();
                 while let Ok(Msg::Event(e)) = self.rx.try_recv() {
-                    self.push(*e);
+                    self.push(e);
                 }
                 self.commit();
                 break;
@@ -365,7 +366,7 @@ impl Loop {
         msg.map_or(Wait::Closed, Wait::Msg)
     }
 
-    fn push(&mut self, event: Event) {
+    fn push(&mut self, event: Prepared) {
         let lost = self.state.lost.swap(0, Ordering::Relaxed) + std::mem::take(&mut self.lost);
         let refused = self.state.refused.swap(0, Ordering::Relaxed);
         if lost + refused > 0 {
@@ -380,7 +381,7 @@ impl Loop {
             self.gap_in_buf.0 += lost;
             self.gap_in_buf.1 += refused;
             self.markers += 1;
-            self.seal(gap);
+            self.seal(Prepared::new(gap));
         }
         if self.max_bytes > 0
             && self.out.rotatable()
@@ -392,9 +393,8 @@ impl Loop {
         self.seal(event);
     }
 
-    fn seal(&mut self, event: Event) {
-        let line = self.chain.seal(event);
-        self.buf.extend_from_slice(line.as_bytes());
+    fn seal(&mut self, event: Prepared) {
+        self.chain.seal_into(&event, &mut self.buf);
         self.buffered += 1;
     }
 
@@ -416,7 +416,7 @@ impl Loop {
                     self.chain.prev()
                 );
                 self.markers += 1;
-                self.seal(Event::with_detail(Kind::Rotated, detail));
+                self.seal(Prepared::new(Event::with_detail(Kind::Rotated, detail)));
             }
             Err(e) => {
                 tracing::error!(error = %e, "audit file rotation failed; still writing to the current file")
