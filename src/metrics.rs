@@ -11,6 +11,8 @@ use prometheus::{
 
 pub use prometheus::Error;
 
+use std::sync::{Arc, OnceLock};
+
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
@@ -28,6 +30,8 @@ pub struct Metrics {
     /// result = hit | miss | uncacheable; one per policy decision of an
     /// inbound request (evaluation errors are not decisions).
     pub policy_decision_cache: IntCounterVec,
+    /// `policy_decision_cache` by result, looked up once (see [`Handles`]).
+    decision_cache_results: Arc<[OnceLock<IntCounter>; 3]>,
     /// result = ok | no_client_cert | untrusted_chain | bad_svid |
     /// wrong_trust_domain | expired | protocol_error | timeout
     pub tls_handshakes: IntCounterVec,
@@ -96,6 +100,7 @@ impl Metrics {
                 ),
                 &["result"],
             )?,
+            decision_cache_results: Arc::default(),
             tls_handshakes: IntCounterVec::new(
                 Opts::new(
                     "portcullis_tls_handshakes_total",
@@ -204,13 +209,27 @@ impl Metrics {
             m.policy_reloads.with_label_values(&[result]);
             m.identity_reloads.with_label_values(&[result]);
         }
-        for result in ["hit", "miss", "uncacheable"] {
+        for result in CACHE_RESULTS {
             m.policy_decision_cache.with_label_values(&[result]);
         }
         for kind in ["connect", "timeout", "protocol", "circuit_open"] {
             m.upstream_errors.with_label_values(&[kind]);
         }
         Ok(m)
+    }
+
+    /// Counts one inbound decision by how the cache served it: `result`
+    /// is `"hit"`, `"miss"` or `"uncacheable"`.
+    pub fn count_decision_cache(&self, result: &str) {
+        match CACHE_RESULTS.iter().position(|r| *r == result) {
+            Some(i) => self.decision_cache_results[i]
+                .get_or_init(|| self.policy_decision_cache.with_label_values(&[result]))
+                .inc(),
+            None => self
+                .policy_decision_cache
+                .with_label_values(&[result])
+                .inc(),
+        }
     }
 
     pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
@@ -302,6 +321,24 @@ fn precreate(family: &IntCounterVec, values: &[&str]) {
 pub struct Requests {
     total: IntCounterVec,
     duration: HistogramVec,
+    handles: Arc<Handles>,
+}
+
+/// The results of `portcullis_policy_decision_cache_total`.
+const CACHE_RESULTS: [&str; 3] = ["hit", "miss", "uncacheable"];
+
+/// The decisions [`Requests::record`] keeps series handles for.
+const DECISIONS: [&str; 4] = ["allow", "deny", "error", "would_deny"];
+
+/// Series handles, each looked up on first use and kept: a lookup hashes
+/// the label values and takes the vector's lock, which every worker thread
+/// shares, on each request otherwise. Made on first use (not up front) so
+/// the exposition still lists only the series that happened.
+#[derive(Default)]
+struct Handles {
+    /// By decision, then status class (1xx..5xx).
+    total: [[OnceLock<IntCounter>; 5]; 4],
+    duration: [OnceLock<Histogram>; 4],
 }
 
 impl Requests {
@@ -313,6 +350,7 @@ impl Requests {
                 HistogramOpts::new(duration.0, duration.1).buckets(LATENCY_BUCKETS.to_vec()),
                 &["decision"],
             )?,
+            handles: Arc::default(),
         })
     }
 
@@ -330,6 +368,17 @@ impl Requests {
     }
 
     pub fn record(&self, decision: &str, status: u16, seconds: f64) {
+        let class = status_class(status);
+        let class_index = usize::from(class.as_bytes()[0] - b'1');
+        if let Some(d) = DECISIONS.iter().position(|d| *d == decision) {
+            self.handles.total[d][class_index]
+                .get_or_init(|| self.total.with_label_values(&[decision, class]))
+                .inc();
+            self.handles.duration[d]
+                .get_or_init(|| self.duration.with_label_values(&[decision]))
+                .observe(seconds);
+            return;
+        }
         self.total
             .with_label_values(&[decision, status_class(status)])
             .inc();
