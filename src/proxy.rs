@@ -183,6 +183,33 @@ struct ConnCtx {
     peer: PeerIdentity,
     own_id: SpiffeId,
     protocol: &'static str,
+    /// Made once per connection rather than per request: the same for
+    /// every request on it.
+    peer_addr_text: String,
+    identity_headers: IdentityHeaders,
+}
+
+/// The values of the identity headers, which depend only on the
+/// connection. Cloning a `HeaderValue` shares its bytes.
+struct IdentityHeaders {
+    xfcc: HeaderValue,
+    spiffe_id: HeaderValue,
+}
+
+impl IdentityHeaders {
+    /// `By=<own id>;Hash=<sha256 of the peer leaf>;URI=<peer id>`, Envoy's
+    /// XFCC. `None` only if a value is not a valid header value, which a
+    /// verified SPIFFE ID and hex never are.
+    fn new(own_id: &SpiffeId, peer: &PeerIdentity) -> Option<IdentityHeaders> {
+        let xfcc = format!(
+            "By={};Hash={};URI={}",
+            own_id, peer.leaf_sha256, peer.spiffe_id
+        );
+        Some(IdentityHeaders {
+            xfcc: HeaderValue::from_str(&xfcc).ok()?,
+            spiffe_id: HeaderValue::from_str(peer.spiffe_id.as_str()).ok()?,
+        })
+    }
 }
 
 /// Accepts until draining starts, then waits for the connections it
@@ -315,11 +342,24 @@ async fn handle_connection(
         .inc();
     tracing::debug!(peer = %peer_addr, spiffe_id = %peer.spiffe_id, protocol, "connection authenticated");
 
+    let Some(identity_headers) = IdentityHeaders::new(&identity.spiffe_id, &peer) else {
+        // Never forward a request without the identity the service relies on.
+        reject_handshake(
+            shared,
+            peer_addr,
+            Some(peer.spiffe_id.to_string()),
+            "bad_svid",
+            "the client's SPIFFE ID cannot be carried in a header",
+        );
+        return;
+    };
     let ctx = Arc::new(ConnCtx {
         peer_addr,
         peer,
         own_id: identity.spiffe_id.clone(),
         protocol,
+        peer_addr_text: peer_addr.to_string(),
+        identity_headers,
     });
     let ctx_id = ctx.peer.spiffe_id.clone();
     let activity = activity::Activity::new(protocol == "HTTP/1.1");
@@ -503,7 +543,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     event.request_id = Some(request_id.clone());
     event.source = Some(audit::Source {
         spiffe_id: Some(ctx.peer.spiffe_id.to_string()),
-        address: ctx.peer_addr.to_string(),
+        address: ctx.peer_addr_text.clone(),
     });
     event.request = Some(audit::Request {
         method: method.clone(),
@@ -671,11 +711,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .policy_eval_duration
         .observe(eval_started.elapsed().as_secs_f64());
     if let Ok(d) = &evaluated {
-        shared
-            .metrics
-            .policy_decision_cache
-            .with_label_values(&[d.cache.label()])
-            .inc();
+        shared.metrics.count_decision_cache(d.cache.label());
         from_cache.store(
             d.cache == CacheUse::Hit,
             std::sync::atomic::Ordering::Relaxed,
@@ -923,24 +959,13 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// `By=<own id>;Hash=<sha256 of the peer leaf>;URI=<peer id>`, Envoy's XFCC.
+/// The caller's verified identity (see [`IdentityHeaders`]), the request
+/// id and the scheme, replacing whatever the caller sent under these names.
 fn set_identity_headers(headers: &mut HeaderMap, ctx: &ConnCtx, request_id: &str) {
-    let xfcc = format!(
-        "By={};Hash={};URI={}",
-        ctx.own_id, ctx.peer.leaf_sha256, ctx.peer.spiffe_id
-    );
-    // SPIFFE IDs and hex are ASCII without control characters, so these
-    // conversions cannot fail for a verified identity.
-    for (name, value) in [
-        (XFCC, xfcc.as_str()),
-        (X_SPIFFE_ID, ctx.peer.spiffe_id.as_str()),
-        (X_REQUEST_ID, request_id),
-        (X_FORWARDED_PROTO, "https"),
-    ] {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            headers.insert(name, v);
-        }
-    }
+    headers.insert(XFCC, ctx.identity_headers.xfcc.clone());
+    headers.insert(X_SPIFFE_ID, ctx.identity_headers.spiffe_id.clone());
+    set_request_id(headers, request_id);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
 }
 
 /// A name the policy gives once replaces the header; a name it repeats
