@@ -136,13 +136,20 @@ impl Prepared {
         event.seq = 0;
         event.prev.clear();
         let ts_end = r#"{"ts":"#.len() + json_len(&event.ts);
-        let json = serde_json::to_string(&event).unwrap_or_else(|e| {
+        // Sized for a request event, so it is written without regrowing.
+        let mut json = Vec::with_capacity(1024);
+        let json = match serde_json::to_writer(&mut json, &event) {
+            // serde_json writes UTF-8 only; the fallback is never taken.
+            Ok(()) => String::from_utf8(json).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let json = json.unwrap_or_else(|e| {
             // Serialising plain strings and numbers cannot fail; if it ever
             // did, the line still records that an event existed.
             format!(
                 r#"{{"ts":{},"kind":"serialization_error","detail":{}}}"#,
                 serde_json::Value::from(event.ts.as_str()),
-                serde_json::Value::from(e.to_string()),
+                serde_json::Value::from(e),
             )
         });
         Prepared {
