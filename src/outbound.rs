@@ -416,7 +416,7 @@ async fn handle_request(
             }
             proxy::strip_hop_by_hop(&mut parts.headers);
             proxy::set_request_id(&mut parts.headers, &request_id);
-            let resp = Response::from_parts(parts, Either::Left(body));
+            let resp = Response::from_parts(parts, Either::Left(body.into()));
             return finish(record, label, allowed, reason, resp);
         }
         Ok(Err(e)) => match connect_error(&e) {

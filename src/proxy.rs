@@ -12,6 +12,7 @@ pub mod body;
 pub(crate) mod breaker;
 mod framing;
 pub mod path;
+pub mod pool;
 pub mod workers;
 
 use std::convert::Infallible;
@@ -25,8 +26,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
@@ -43,7 +42,7 @@ use crate::policy::input::{BodyFacts, RequestFacts};
 use crate::policy::{CacheUse, Decision, PolicySnapshot};
 use crate::tls::{self, PeerIdentity};
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<pool::PooledBody, Full<Bytes>>;
 
 /// Headers that carry the caller's identity to the service. Only the proxy
 /// may set them: whatever the caller sent under these names is removed.
@@ -83,11 +82,12 @@ pub struct Limits {
     pub h2_max_local_error_reset_streams: usize,
 }
 
-/// The local service, reached through a pooled keep-alive client.
+/// The local service, reached through a pool of keep-alive connections.
 pub struct Upstream {
     /// Per worker thread (see [`Upstream::for_worker`]): its connections
     /// are driven by the runtime that made them.
-    client: Client<HttpConnector, Limited<body::Replay>>,
+    pool: Arc<pool::Pool>,
+    addr: SocketAddr,
     authority: http::uri::Authority,
     connect_timeout: Duration,
     timeout: Duration,
@@ -111,7 +111,8 @@ impl Upstream {
     ) -> Result<Upstream, http::uri::InvalidUri> {
         let authority = http::uri::Authority::try_from(addr.to_string().as_str())?;
         Ok(Upstream {
-            client: pooled_client(connect_timeout),
+            pool: pool::Pool::new(addr, connect_timeout),
+            addr,
             authority,
             connect_timeout,
             timeout,
@@ -126,23 +127,14 @@ impl Upstream {
     /// The same service with a pool of its own and the shared breaker.
     pub fn for_worker(&self) -> Upstream {
         Upstream {
-            client: pooled_client(self.connect_timeout),
+            pool: pool::Pool::new(self.addr, self.connect_timeout),
+            addr: self.addr,
             authority: self.authority.clone(),
             connect_timeout: self.connect_timeout,
             timeout: self.timeout,
             breaker: self.breaker.clone(),
         }
     }
-}
-
-fn pooled_client(connect_timeout: Duration) -> Client<HttpConnector, Limited<body::Replay>> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .pool_timer(TokioTimer::new())
-        .build(connector)
 }
 
 /// Everything the data path needs, passed in so tests can build their own.
@@ -828,9 +820,11 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    parts.uri = match upstream_uri("http", shared.upstream.authority.as_str(), target) {
+    // Origin-form: the connection already names the service.
+    parts.uri = match Uri::try_from(target) {
         Ok(uri) => uri,
-        Err(reason) => {
+        Err(e) => {
+            let reason = format!("cannot forward the request target: {e}");
             let resp = bad_request(&reason, &request_id);
             return finish(record, "deny", false, reason, resp);
         }
@@ -857,7 +851,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     };
     let sent = tokio::time::timeout(
         upstream.timeout,
-        upstream.client.request(Request::from_parts(
+        upstream.pool.send(Request::from_parts(
             parts,
             // Counted while streaming: the body is never buffered whole.
             Limited::new(body, shared.limits.max_request_body_bytes),
@@ -1004,10 +998,27 @@ pub(crate) fn set_request_id(headers: &mut HeaderMap, request_id: &str) {
 /// transport failures (no connection, no answer in time) count against the
 /// server: a 5xx or a protocol error it chose to send is an answer, not an
 /// outage.
-pub(crate) fn breaker_success<T>(
-    sent: &Result<Result<T, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>,
+pub(crate) fn breaker_success<T, E: ConnectFailure>(
+    sent: &Result<Result<T, E>, tokio::time::error::Elapsed>,
 ) -> bool {
     matches!(sent, Ok(Ok(_))) || matches!(sent, Ok(Err(e)) if !e.is_connect())
+}
+
+/// An upstream error that can say whether no connection was made.
+pub(crate) trait ConnectFailure {
+    fn is_connect(&self) -> bool;
+}
+
+impl ConnectFailure for pool::SendError {
+    fn is_connect(&self) -> bool {
+        pool::SendError::is_connect(self)
+    }
+}
+
+impl ConnectFailure for hyper_util::client::legacy::Error {
+    fn is_connect(&self) -> bool {
+        hyper_util::client::legacy::Error::is_connect(self)
+    }
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -33,6 +33,16 @@ impl Replay {
             rest: Some(body),
         }
     }
+
+    /// No body at all.
+    #[cfg(test)]
+    pub fn empty() -> Replay {
+        Replay {
+            prefix: VecDeque::new(),
+            prefix_len: 0,
+            rest: None,
+        }
+    }
 }
 
 impl Body for Replay {
