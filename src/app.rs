@@ -183,11 +183,7 @@ pub async fn start(config: Config) -> Result<Running, Error> {
                 cooldown: Duration::from_millis(config.inbound.breaker_cooldown_ms),
             },
             &metrics,
-        )
-        .map_err(|e| config::Error::Invalid {
-            key: "inbound.upstream".into(),
-            message: e.to_string(),
-        })?,
+        ),
         rate_limiter: Arc::new(crate::ratelimit::RateLimiter::new(&config.rate_limit)),
         limits: Limits {
             max_connections: config.inbound.max_connections,

@@ -88,7 +88,6 @@ pub struct Upstream {
     /// are driven by the runtime that made them.
     pool: Arc<pool::Pool>,
     addr: SocketAddr,
-    authority: http::uri::Authority,
     connect_timeout: Duration,
     timeout: Duration,
     /// One for the service, whichever worker sees its failures.
@@ -108,12 +107,10 @@ impl Upstream {
         timeout: Duration,
         breaker: BreakerSettings,
         metrics: &Metrics,
-    ) -> Result<Upstream, http::uri::InvalidUri> {
-        let authority = http::uri::Authority::try_from(addr.to_string().as_str())?;
-        Ok(Upstream {
+    ) -> Upstream {
+        Upstream {
             pool: pool::Pool::new(addr, connect_timeout),
             addr,
-            authority,
             connect_timeout,
             timeout,
             breaker: Arc::new(breaker::Breaker::new(
@@ -121,7 +118,7 @@ impl Upstream {
                 breaker.cooldown,
                 metrics.circuit_breaker_state.clone(),
             )),
-        })
+        }
     }
 
     /// The same service with a pool of its own and the shared breaker.
@@ -129,7 +126,6 @@ impl Upstream {
         Upstream {
             pool: pool::Pool::new(self.addr, self.connect_timeout),
             addr: self.addr,
-            authority: self.authority.clone(),
             connect_timeout: self.connect_timeout,
             timeout: self.timeout,
             breaker: self.breaker.clone(),
@@ -322,6 +318,17 @@ async fn handle_connection(
         );
         return;
     };
+    let Some(identity_headers) = IdentityHeaders::new(&identity.spiffe_id, &peer) else {
+        // Never forward a request without the identity the service relies on.
+        reject_handshake(
+            shared,
+            peer_addr,
+            Some(peer.spiffe_id.to_string()),
+            "bad_svid",
+            "the client's SPIFFE ID cannot be carried in a header",
+        );
+        return;
+    };
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let protocol = match alpn.as_deref() {
         Some(b"h2") => "HTTP/2",
@@ -334,17 +341,6 @@ async fn handle_connection(
         .inc();
     tracing::debug!(peer = %peer_addr, spiffe_id = %peer.spiffe_id, protocol, "connection authenticated");
 
-    let Some(identity_headers) = IdentityHeaders::new(&identity.spiffe_id, &peer) else {
-        // Never forward a request without the identity the service relies on.
-        reject_handshake(
-            shared,
-            peer_addr,
-            Some(peer.spiffe_id.to_string()),
-            "bad_svid",
-            "the client's SPIFFE ID cannot be carried in a header",
-        );
-        return;
-    };
     let ctx = Arc::new(ConnCtx {
         peer_addr,
         peer,
@@ -651,12 +647,13 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     // be shown parsed, and only up to the limit; the rest streams later.
     let (body, body_prefix) = match (shared.max_body_bytes, body::kind(&parts.headers)) {
         (limit, Some(kind)) if limit > 0 => {
-            match body::read_prefix(
+            // Boxed for the same reason as the upstream call below.
+            match Box::pin(body::read_prefix(
                 body,
                 &parts.headers,
                 limit,
                 shared.limits.header_read_timeout,
-            )
+            ))
             .await
             {
                 Ok((replay, prefix)) => (replay, Some((kind, prefix))),
@@ -849,15 +846,16 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         );
         return finish(record, label, allowed, format!("{reason}; {message}"), resp);
     };
-    let sent = tokio::time::timeout(
-        upstream.timeout,
-        upstream.pool.send(Request::from_parts(
-            parts,
-            // Counted while streaming: the body is never buffered whole.
-            Limited::new(body, shared.limits.max_request_body_bytes),
-        )),
-    )
-    .await;
+    // Boxed: hyper keeps a slot sized for this request's future in every
+    // connection, idle or not, and the connect path inside `send` would
+    // make it a kilobyte larger (issue 7 measures memory per idle
+    // connection).
+    let send = Box::pin(upstream.pool.send(Request::from_parts(
+        parts,
+        // Counted while streaming: the body is never buffered whole.
+        Limited::new(body, shared.limits.max_request_body_bytes),
+    )));
+    let sent = tokio::time::timeout(upstream.timeout, send).await;
     admission.record(breaker_success(&sent));
     let (kind, status, message) = match sent {
         Ok(Ok(resp)) => {
