@@ -123,12 +123,20 @@ impl Pool {
         }
     }
 
+    /// The most recently used connection that can take a request now.
+    /// One that cannot yet (its previous request body is still being sent
+    /// after an early response) stays pooled: waiting on it would hold this
+    /// request behind someone else's upload.
     fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
         let mut idle = lock(&self.idle);
         expire(&mut idle);
-        while let Some(entry) = idle.pop_back() {
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            if idle[i].sender.is_closed() {
+                idle.remove(i);
+            } else if idle[i].sender.is_ready() {
+                return idle.remove(i).map(|entry| entry.sender);
             }
         }
         None
@@ -380,6 +388,30 @@ mod tests {
             let body = pool.send(get()).await.unwrap().into_body();
             assert_eq!(body.collect().await.unwrap().to_bytes(), "ok");
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_still_busy_is_not_handed_out_and_stays_pooled() {
+        // Accepts and never answers: a request sent on it stays in flight.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let pool = Pool::new(addr, Duration::from_secs(1));
+        let mut busy = pool.connect().await.unwrap();
+        busy.ready().await.unwrap();
+        let in_flight = tokio::spawn(busy.try_send_request(get()));
+        tokio::task::yield_now().await;
+        assert!(!busy.is_ready());
+        pool.put_back(busy);
+        assert_eq!(pool.idle_len(), 1);
+        assert!(pool.take_idle().is_none());
+        assert_eq!(pool.idle_len(), 1);
+        in_flight.abort();
     }
 
     #[tokio::test]
