@@ -1077,6 +1077,31 @@ mod tests {
         }
     }
 
+    /// A request from the checkout workload.
+    fn request<'a>(
+        method: &'a str,
+        path: &'a str,
+        query: Option<&'a str>,
+        headers: &'a http::HeaderMap,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            request_id: "req-1",
+            method,
+            path,
+            query,
+            host: "payments",
+            scheme: "https",
+            protocol: "HTTP/1.1",
+            headers,
+            source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
+            source_trust_domain: "pay.example",
+            source_path: "/ns/shop/sa/checkout",
+            source_addr: "127.0.0.1:4000".parse().unwrap(),
+            destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
+            time: std::time::SystemTime::now(),
+        }
+    }
+
     #[test]
     fn keys_made_from_request_fields_are_the_keys_of_the_document() {
         let mut headers = http::HeaderMap::new();
@@ -1098,22 +1123,7 @@ mod tests {
         ];
         let mut resolved = 0;
         for (method, path, query, headers) in requests {
-            let facts = RequestFacts {
-                request_id: "req-1",
-                method,
-                path,
-                query,
-                host: "payments",
-                scheme: "https",
-                protocol: "HTTP/1.1",
-                headers,
-                source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
-                source_trust_domain: "pay.example",
-                source_path: "/ns/shop/sa/checkout",
-                source_addr: "127.0.0.1:4000".parse().unwrap(),
-                destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
-                time: std::time::SystemTime::now(),
-            };
+            let facts = request(method, path, query, headers);
             let document = input::build_input(&facts);
             let mut paths = Vec::new();
             paths_through(&document, &mut vec!["input".to_owned()], &mut paths);
@@ -1138,22 +1148,7 @@ mod tests {
         let shipped = analyze([("authz.rego", include_str!("../../policies/authz.rego"))]);
         assert_eq!(shipped.disabled, None);
         let c = DecisionCache::new(shipped, 10);
-        let facts = RequestFacts {
-            request_id: "req-1",
-            method: "GET",
-            path: "/v1/payments/42",
-            query: None,
-            host: "payments",
-            scheme: "https",
-            protocol: "HTTP/1.1",
-            headers: &headers,
-            source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
-            source_trust_domain: "pay.example",
-            source_path: "/ns/shop/sa/checkout",
-            source_addr: "127.0.0.1:4000".parse().unwrap(),
-            destination_spiffe_id: "spiffe://pay.example/ns/pay/sa/payments",
-            time: std::time::SystemTime::now(),
-        };
+        let facts = request("GET", "/v1/payments/42", None, &headers);
         assert_eq!(
             c.key_for(&facts),
             c.key(&input::build_input(&facts)),
