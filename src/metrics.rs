@@ -4,14 +4,14 @@
 //! Label values are fixed sets (decision, status class, handshake result,
 //! error kind): a raw path or an identity never becomes a label.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub use prometheus::Error;
-
-use std::sync::{Arc, OnceLock};
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,

@@ -87,8 +87,6 @@ pub struct Upstream {
     /// Per worker thread (see [`Upstream::for_worker`]): its connections
     /// are driven by the runtime that made them.
     pool: Arc<pool::Pool>,
-    addr: SocketAddr,
-    connect_timeout: Duration,
     timeout: Duration,
     /// One for the service, whichever worker sees its failures.
     breaker: Arc<breaker::Breaker>,
@@ -110,8 +108,6 @@ impl Upstream {
     ) -> Upstream {
         Upstream {
             pool: pool::Pool::new(addr, connect_timeout),
-            addr,
-            connect_timeout,
             timeout,
             breaker: Arc::new(breaker::Breaker::new(
                 breaker.failures,
@@ -124,9 +120,7 @@ impl Upstream {
     /// The same service with a pool of its own and the shared breaker.
     pub fn for_worker(&self) -> Upstream {
         Upstream {
-            pool: pool::Pool::new(self.addr, self.connect_timeout),
-            addr: self.addr,
-            connect_timeout: self.connect_timeout,
+            pool: self.pool.empty_twin(),
             timeout: self.timeout,
             breaker: self.breaker.clone(),
         }

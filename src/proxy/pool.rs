@@ -91,6 +91,12 @@ impl Pool {
         })
     }
 
+    /// A pool for the same service holding no connections: each worker's
+    /// connections must be driven by that worker's runtime.
+    pub fn empty_twin(&self) -> Arc<Pool> {
+        Pool::new(self.addr, self.connect_timeout)
+    }
+
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or
     /// a new one. A request an idle connection turns out unable to carry
     /// (the service closed it meanwhile) is retried on another: it was
