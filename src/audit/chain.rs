@@ -2,6 +2,8 @@
 //! `hash`) and its own `hash`, a SHA-256 (or, with `audit.hmac_key_file`, an
 //! HMAC-SHA256) of the line's bytes up to `,"hash":...`.
 
+use std::io::Write as _;
+
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
@@ -101,8 +103,8 @@ impl Chain {
         let start = out.len();
         let (head, tail) = event.json.split_at(event.ts_end);
         out.extend_from_slice(head.as_bytes());
-        out.extend_from_slice(b",\"seq\":");
-        out.extend_from_slice(self.seq.to_string().as_bytes());
+        // Writing to a Vec cannot fail.
+        let _ = write!(out, ",\"seq\":{}", self.seq);
         // `tail` is `,"kind":...}`: everything after `ts` with its brace.
         out.extend_from_slice(&tail.as_bytes()[..tail.len().saturating_sub(1)]);
         out.extend_from_slice(b",\"prev\":\"");

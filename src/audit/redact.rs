@@ -131,12 +131,12 @@ pub fn redact_pans(text: &str) -> Cow<'_, str> {
     }
 }
 
-/// The run with the middle digits of every Luhn-valid 13-19 digit window
-/// between group boundaries starred (separators dropped), or `None` when it
-/// holds no card number.
 /// The shortest card number.
 const MIN_PAN_DIGITS: usize = 13;
 
+/// The run with the middle digits of every Luhn-valid 13-19 digit window
+/// between group boundaries starred (separators dropped), or `None` when it
+/// holds no card number.
 fn mask_run(digits: &[u8], starts: &[usize]) -> Option<String> {
     if digits.len() < MIN_PAN_DIGITS {
         return None;
