@@ -52,16 +52,16 @@ pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-i
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// Connection-level headers (RFC 9110 7.6.1) that must not be forwarded.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "proxy-authorization",
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
 
 #[derive(Clone)]
@@ -344,7 +344,11 @@ async fn handle_connection(
         identity_headers,
     });
     let ctx_id = ctx.peer.spiffe_id.clone();
-    let activity = activity::Activity::new(protocol == "HTTP/1.1");
+    let activity = activity::Activity::new(
+        protocol == "HTTP/1.1",
+        shared.limits.idle_timeout,
+        shared.limits.header_read_timeout,
+    );
     let svc_shared = shared.clone();
     let svc_activity = activity.clone();
     let service = hyper::service::service_fn(move |req| {
@@ -421,7 +425,7 @@ where
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-        expired = activity.expired(limits.idle_timeout, limits.header_read_timeout) => {
+        expired = activity.expired() => {
             let (label, why) = match expired {
                 activity::Expired::Idle => {
                     // Nothing in flight: close_notify (HTTP/1.1) or GOAWAY
@@ -1014,6 +1018,11 @@ impl ConnectFailure for hyper_util::client::legacy::Error {
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names they have is
+    // cheaper than looking up each hop-by-hop name (twice per request).
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -1024,8 +1033,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -1170,6 +1179,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_alone_is_removed() {
+        // As a peer would send them: parsed from bytes, in any case.
+        for name in [
+            "Connection",
+            "Proxy-Connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Proxy-Authenticate",
+            "Proxy-Authorization",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("x"),
+            );
+            h.insert("content-type", HeaderValue::from_static("text/plain"));
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} was kept");
+        }
     }
 
     #[test]

@@ -20,6 +20,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// Where a deadline too far to represent is put.
+const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Which connection timer ran out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expired {
@@ -43,45 +50,60 @@ pub struct Activity {
     /// Only HTTP/1.1 has heads between requests worth timing; HTTP/2 reads
     /// frames (PING, SETTINGS) at any time.
     times_heads: bool,
-    changed: Notify,
+    idle_ms: u64,
+    header_read_ms: u64,
+    /// Milliseconds since `epoch` at which the timer task wakes next
+    /// (`u64::MAX` while it is choosing). Lets a starting head wake the
+    /// timer only when its deadline is earlier than that.
+    wake_at_ms: AtomicU64,
+    /// Wakes the timer for an earlier deadline.
+    sooner: Notify,
 }
 
 impl Activity {
-    pub fn new(times_heads: bool) -> Arc<Activity> {
+    pub fn new(times_heads: bool, idle: Duration, header_read: Duration) -> Arc<Activity> {
         Arc::new(Activity {
             epoch: Instant::now(),
             in_flight: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(0),
             times_heads,
-            changed: Notify::new(),
+            idle_ms: millis(idle),
+            header_read_ms: millis(header_read),
+            wake_at_ms: AtomicU64::new(u64::MAX),
+            sooner: Notify::new(),
         })
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis(self.epoch.elapsed())
     }
 
     fn at(&self, ms: u64) -> Instant {
-        self.epoch + Duration::from_millis(ms)
+        // A configured timeout of centuries means never.
+        self.epoch
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or_else(|| self.epoch + FAR_FUTURE)
     }
 
     /// Bytes arrived from the peer.
     fn on_read(&self) {
-        if self.times_heads
-            && self.in_flight.load(Ordering::Acquire) == 0
-            && self
-                .head_started_ms
-                .compare_exchange(
-                    0,
-                    self.now_ms().saturating_add(1),
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok()
-        {
-            // The timer task may be sleeping towards a later idle deadline.
-            self.changed.notify_one();
+        if !self.times_heads || self.in_flight.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let now = self.now_ms();
+        let started = self.head_started_ms.compare_exchange(
+            0,
+            now.saturating_add(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        // Only a timer asleep towards a later deadline (the idle one) needs
+        // waking; on a busy keep-alive connection it is already due sooner,
+        // and waking it would poll the whole connection once more.
+        let deadline = now.saturating_add(self.header_read_ms);
+        if started.is_ok() && deadline < self.wake_at_ms.load(Ordering::SeqCst) {
+            self.sooner.notify_one();
         }
     }
 
@@ -96,26 +118,45 @@ impl Activity {
 
     /// Resolves when a timer runs out; pending for as long as the
     /// connection is within its limits.
-    pub async fn expired(&self, idle: Duration, header_read: Duration) -> Expired {
+    ///
+    /// The timer never needs waking when a deadline moves later, only when
+    /// one comes sooner: it sleeps at most until the earliest deadline the
+    /// connection could have, then looks again. A request that ends can only
+    /// start the idle time, due no sooner than `idle` from now; a head that
+    /// starts while the timer sleeps for a busy connection is due no sooner
+    /// than `header_read` from now. So a busy connection's timer sleeps for
+    /// the shorter of the two, and only a head starting on an idle
+    /// connection wakes it (see `on_read`).
+    pub async fn expired(&self) -> Expired {
+        let busy_nap = if self.times_heads {
+            self.idle_ms.min(self.header_read_ms)
+        } else {
+            self.idle_ms
+        }
+        .max(1);
         loop {
-            let notified = self.changed.notified();
+            let sooner = self.sooner.notified();
+            tokio::pin!(sooner);
+            // A head starting from here on wakes the timer; `notify_one`
+            // keeps the wake-up for `sooner` if it comes before the await.
+            self.wake_at_ms.store(u64::MAX, Ordering::SeqCst);
             let seen = self.snapshot();
-            let (deadline, verdict) = match seen {
-                (head, _, _) if head != 0 => {
-                    (self.at(head - 1) + header_read, Some(Expired::HeaderRead))
-                }
-                (_, 0, since) => (self.at(since) + idle, Some(Expired::Idle)),
-                // Busy: nothing can expire before the last request ends,
-                // which notifies.
-                _ => (Instant::now() + idle, None),
+            let now = self.now_ms();
+            let (due, verdict) = match seen {
+                (head, _, _) if head != 0 => (
+                    (head - 1).saturating_add(self.header_read_ms),
+                    Some(Expired::HeaderRead),
+                ),
+                (_, 0, since) => (since.saturating_add(self.idle_ms), Some(Expired::Idle)),
+                _ => (now.saturating_add(busy_nap), None),
             };
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => {}
-                _ = notified => continue,
-            }
-            // A request may have started or ended while the timer slept.
-            if let Some(v) = verdict.filter(|_| self.snapshot() == seen) {
+            if let Some(v) = verdict.filter(|_| due <= now) {
                 return v;
+            }
+            self.wake_at_ms.store(due, Ordering::SeqCst);
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.at(due)) => {}
+                _ = &mut sooner => {}
             }
         }
     }
@@ -135,9 +176,10 @@ pub struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         let a = &self.0;
+        // No wake-up for the timer: the idle deadline this starts is no
+        // sooner than the one it is already asleep towards.
         a.idle_since_ms.store(a.now_ms(), Ordering::Release);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
-        a.changed.notify_one();
     }
 }
 
@@ -242,22 +284,22 @@ mod tests {
 
     #[tokio::test]
     async fn idle_expires_only_without_requests_in_flight() {
-        let a = Activity::new(true);
+        let a = Activity::new(true, IDLE, HEAD);
         let busy = a.request_started();
-        let early = tokio::time::timeout(IDLE * 2, a.expired(IDLE, HEAD)).await;
+        let early = tokio::time::timeout(IDLE * 2, a.expired()).await;
         assert!(early.is_err(), "expired with a request in flight");
         drop(busy);
         let started = Instant::now();
-        assert_eq!(a.expired(IDLE, HEAD).await, Expired::Idle);
+        assert_eq!(a.expired().await, Expired::Idle);
         assert!(started.elapsed() >= IDLE);
     }
 
     #[tokio::test]
     async fn a_started_head_runs_the_shorter_header_timer() {
-        let a = Activity::new(true);
+        let a = Activity::new(true, IDLE, HEAD);
         let timer = tokio::spawn({
             let a = a.clone();
-            async move { a.expired(IDLE, HEAD).await }
+            async move { a.expired().await }
         });
         // The timer task is asleep towards the idle deadline when the first
         // byte of a head arrives.
@@ -267,8 +309,27 @@ mod tests {
         assert_eq!(timer.await.unwrap(), Expired::HeaderRead);
         assert!(started.elapsed() < IDLE, "{:?}", started.elapsed());
         // HTTP/2 reads never start a head timer.
-        let h2 = Activity::new(false);
+        let h2 = Activity::new(false, IDLE, HEAD);
         h2.on_read();
-        assert_eq!(h2.expired(IDLE, HEAD).await, Expired::Idle);
+        assert_eq!(h2.expired().await, Expired::Idle);
+    }
+
+    #[tokio::test]
+    async fn a_head_started_while_the_timer_naps_for_a_busy_connection_is_timed() {
+        let a = Activity::new(true, IDLE, HEAD);
+        let busy = a.request_started();
+        let timer = tokio::spawn({
+            let a = a.clone();
+            async move { a.expired().await }
+        });
+        // The request ends and the next head starts without waking the
+        // timer; it must still look again before the head's deadline.
+        tokio::time::sleep(HEAD / 5).await;
+        drop(busy);
+        let started = Instant::now();
+        a.on_read();
+        assert_eq!(timer.await.unwrap(), Expired::HeaderRead);
+        let took = started.elapsed();
+        assert!(took >= HEAD && took < IDLE, "{took:?}");
     }
 }
