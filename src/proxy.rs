@@ -416,7 +416,6 @@ where
     C: GracefulConnection,
     C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let limits = &shared.limits;
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
