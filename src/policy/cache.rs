@@ -64,7 +64,7 @@ use std::sync::{Arc, Mutex};
 
 use regorus::Value;
 
-use super::input::{self, RequestFacts};
+use super::input::{self, Field, RequestFacts};
 use super::Decision;
 
 /// `policy.decision_cache` when the configuration does not set it.
@@ -251,8 +251,21 @@ impl DecisionCache {
         self.store.as_ref()?;
         let mut key = Vec::with_capacity(256);
         for path in &self.lookups {
-            let (value, depth) = input::field(facts, path)?;
-            encode_at(&value, &path[depth..], depth, &mut key);
+            let (field, depth) = input::locate(facts, path)?;
+            // A string or the header map read whole is encoded straight
+            // from the request, without making its value first.
+            match field {
+                Field::Str(s) | Field::Constant(s) if depth == path.len() => {
+                    key.push(b'V');
+                    key.push(b's');
+                    push_str(&mut key, s);
+                }
+                Field::Headers(map) if depth == path.len() => {
+                    key.push(b'V');
+                    encode_headers(map, &mut key);
+                }
+                _ => encode_at(&field.value(facts), &path[depth..], depth, &mut key),
+            }
         }
         Some(key)
     }
@@ -360,6 +373,21 @@ fn push_len(out: &mut Vec<u8>, n: usize) {
 fn push_str(out: &mut Vec<u8>, s: &str) {
     push_len(out, s.len());
     out.extend_from_slice(s.as_bytes());
+}
+
+/// What [`encode_value`] writes for the document's header object: names
+/// in the object's (byte) order, each value as the document has it.
+fn encode_headers(map: &http::HeaderMap, out: &mut Vec<u8>) {
+    let mut names: Vec<&http::HeaderName> = map.keys().collect();
+    names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    out.push(b'o');
+    push_len(out, names.len());
+    for name in names {
+        out.push(b's');
+        push_str(out, name.as_str());
+        out.push(b's');
+        push_str(out, &input::header_value(map, name));
+    }
 }
 
 fn encode_value(value: &Value, out: &mut Vec<u8>) {
@@ -1141,7 +1169,7 @@ mod tests {
                 }
             }
         }
-        // The fields `input::field` answers, and the paths below them.
+        // The fields `input::locate` finds, and the paths below them.
         assert!(resolved > 40, "only {resolved} paths resolved from fields");
 
         // The shipped policy is keyed without building the document.

@@ -1,6 +1,7 @@
 //! The policy input document, shaped like OPA-Envoy's so that policies
 //! written for Envoy ext_authz run unchanged.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::LazyLock;
@@ -91,46 +92,89 @@ pub fn build_input(f: &RequestFacts) -> Value {
     ])
 }
 
-/// The value [`build_input`] puts at the start of `path` (the segments
-/// below `input`), built on its own, and how many segments of `path` it
-/// stands for; the rest of `path` is inside the value. `None` when the path
-/// does not start with one of the fields below, and only the whole
-/// document can answer it.
+/// A field of the input document, located in the request it comes from.
+pub enum Field<'a> {
+    /// A string taken as it is.
+    Str(&'a str),
+    /// A string that is usually one of a few ([`CONSTANTS`]).
+    Constant(&'a str),
+    Headers(&'a http::HeaderMap),
+    FullPath,
+    ParsedPath,
+    ParsedQuery,
+}
+
+/// The field [`build_input`] puts at the start of `path` (the segments
+/// below `input`), and how many segments of `path` it stands for; the rest
+/// of `path` is inside the field's value. `None` when the path does not
+/// start with one of the fields below, and only the whole document can
+/// answer it.
 ///
 /// This is how the decision cache keys a request without building the
 /// document: on a hit nothing else is made. It covers the fields that can
 /// be keyed at all (the per-request ones turn the cache off), and a test
 /// checks each against the document.
-pub fn field(f: &RequestFacts, path: &[Value]) -> Option<(Value, usize)> {
+pub fn locate<'a>(f: &RequestFacts<'a>, path: &[Value]) -> Option<(Field<'a>, usize)> {
     let segment = |i: usize| match path.get(i) {
         Some(Value::String(s)) => Some(&**s),
         _ => None,
     };
     let found = match (segment(0)?, segment(1), segment(2), segment(3)) {
-        ("source", Some("spiffe_id"), ..) => (f.source_spiffe_id.into(), 2),
-        ("source", Some("trust_domain"), ..) => (f.source_trust_domain.into(), 2),
-        ("source", Some("path"), ..) => (f.source_path.into(), 2),
-        ("attributes", Some("source"), Some("principal"), _) => (f.source_spiffe_id.into(), 3),
+        ("source", Some("spiffe_id"), ..) => (Field::Str(f.source_spiffe_id), 2),
+        ("source", Some("trust_domain"), ..) => (Field::Str(f.source_trust_domain), 2),
+        ("source", Some("path"), ..) => (Field::Str(f.source_path), 2),
+        ("attributes", Some("source"), Some("principal"), _) => (Field::Str(f.source_spiffe_id), 3),
         ("attributes", Some("destination"), Some("principal"), _) => {
-            (f.destination_spiffe_id.into(), 3)
+            (Field::Str(f.destination_spiffe_id), 3)
         }
         ("attributes", Some("request"), Some("http"), Some(name)) => {
-            let value = match name {
-                "method" => constant(f.method),
-                "path" => full_path(f),
-                "host" => f.host.into(),
-                "scheme" => constant(f.scheme),
-                "protocol" => constant(f.protocol),
-                "headers" => headers(f.headers),
+            let field = match name {
+                "method" => Field::Constant(f.method),
+                "path" => Field::FullPath,
+                "host" => Field::Str(f.host),
+                "scheme" => Field::Constant(f.scheme),
+                "protocol" => Field::Constant(f.protocol),
+                "headers" => Field::Headers(f.headers),
                 _ => return None,
             };
-            (value, 4)
+            (field, 4)
         }
-        ("parsed_path", ..) => (parsed_path(f.path), 1),
-        ("parsed_query", ..) => (parsed_query(f.query), 1),
+        ("parsed_path", ..) => (Field::ParsedPath, 1),
+        ("parsed_query", ..) => (Field::ParsedQuery, 1),
         _ => return None,
     };
     Some(found)
+}
+
+impl Field<'_> {
+    /// The value the document has for this field.
+    pub fn value(&self, f: &RequestFacts) -> Value {
+        match self {
+            Field::Str(s) => Value::from(*s),
+            Field::Constant(s) => constant(s),
+            Field::Headers(map) => headers(map),
+            Field::FullPath => full_path(f),
+            Field::ParsedPath => parsed_path(f.path),
+            Field::ParsedQuery => parsed_query(f.query),
+        }
+    }
+}
+
+/// Each header's value as the document has it: the lines of a repeated
+/// header joined with ", ", invalid UTF-8 replaced. Borrowed when the
+/// header has one valid line.
+pub fn header_value<'m>(map: &'m http::HeaderMap, name: &http::HeaderName) -> Cow<'m, str> {
+    let mut lines = map.get_all(name).iter();
+    let first = lines.next().map(|v| String::from_utf8_lossy(v.as_bytes()));
+    let Some(mut joined) = first else {
+        return Cow::Borrowed("");
+    };
+    for value in lines {
+        let s = joined.to_mut();
+        s.push_str(", ");
+        s.push_str(&String::from_utf8_lossy(value.as_bytes()));
+    }
+    joined
 }
 
 /// The document's object keys, made once: each would otherwise be a
@@ -266,18 +310,16 @@ fn object<const N: usize>(fields: [(&Value, Value); N]) -> Value {
 }
 
 fn headers(map: &http::HeaderMap) -> Value {
-    let mut out = BTreeMap::new();
     // `http` stores names lowercased already; keys() yields each name once.
-    for name in map.keys() {
-        let mut joined = String::new();
-        for (i, value) in map.get_all(name).iter().enumerate() {
-            if i > 0 {
-                joined.push_str(", ");
-            }
-            joined.push_str(&String::from_utf8_lossy(value.as_bytes()));
-        }
-        out.insert(Value::from(name.as_str()), Value::from(joined));
-    }
+    let out: BTreeMap<Value, Value> = map
+        .keys()
+        .map(|name| {
+            (
+                Value::from(name.as_str()),
+                Value::from(header_value(map, name).as_ref()),
+            )
+        })
+        .collect();
     Value::from(out)
 }
 
