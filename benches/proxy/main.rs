@@ -19,7 +19,9 @@
 //! `--rate R` (open-loop requests/s; default half of nginx's keep-alive
 //! rate), `--modes keep-alive,open,light,new` (a subset), `--idle N` (idle
 //! connections held for the memory measurement; 0 skips it), `--only
-//! name,name` (just these targets, e.g. to profile one), `--out FILE`.
+//! name,name` (just these targets, e.g. to profile one), `--workers N`
+//! (worker threads or processes for every proxy alike; default 2, one per
+//! core of this machine), `--out FILE`.
 
 mod load;
 mod peers;
@@ -66,6 +68,7 @@ fn main() {
                 upstream_addr,
                 audit,
                 decision_cache,
+                options.workers,
             )
         })
     };
@@ -91,10 +94,20 @@ fn main() {
     .flatten()
     .collect();
     if wanted("nginx") {
-        targets.extend(peers::nginx(dir.path(), &certs, upstream_addr));
+        targets.extend(peers::nginx(
+            dir.path(),
+            &certs,
+            upstream_addr,
+            options.workers,
+        ));
     }
     if wanted("haproxy") {
-        targets.extend(peers::haproxy(dir.path(), &certs, upstream_addr));
+        targets.extend(peers::haproxy(
+            dir.path(),
+            &certs,
+            upstream_addr,
+            options.workers,
+        ));
     }
 
     // The generator gets the same two worker threads as every target.
@@ -128,6 +141,9 @@ pub struct Options {
     pub modes: Vec<Mode>,
     /// `--only`: the names of the targets to keep.
     pub only: Option<Vec<String>>,
+    /// Worker threads (Portcullis, haproxy) or processes (nginx) of every
+    /// proxy.
+    pub workers: usize,
     pub out: PathBuf,
 }
 
@@ -178,6 +194,7 @@ impl Options {
                 .position(|a| a == "--only")
                 .and_then(|i| args.get(i + 1))
                 .map(|names| names.split(',').map(str::to_owned).collect()),
+            workers: value("--workers").map_or(2, |n| (n as usize).max(1)),
             out,
         }
     }

@@ -1,7 +1,7 @@
 //! The proxies a user would pick instead, each terminating mTLS with the
 //! same dev certificates and forwarding to the same upstream, tuned the
 //! way /work/shared/PEERS.md says a competent operator would: two workers
-//! (the machine has two cores), pooled keep-alive upstream connections, no
+//! (the machine has two cores; `--workers` changes it for every proxy), pooled keep-alive upstream connections, no
 //! access log (Portcullis' audit trail is its own extra work, measured
 //! separately as audit on vs off).
 //!
@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 
 use crate::targets::{find_exe, free_port, Certs, Target};
 
-pub fn nginx(dir: &Path, certs: &Certs, upstream: SocketAddr) -> Option<Target> {
+pub fn nginx(dir: &Path, certs: &Certs, upstream: SocketAddr, workers: usize) -> Option<Target> {
     let (exe, dir) = installed("nginx", dir)?;
     let port = free_port();
     // keepalive_requests: nginx closes a client connection after 1000
@@ -23,7 +23,7 @@ pub fn nginx(dir: &Path, certs: &Certs, upstream: SocketAddr) -> Option<Target> 
     let conf = format!(
         r#"daemon off;
 master_process on;
-worker_processes 2;
+worker_processes {workers};
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 16384; }}
@@ -72,11 +72,16 @@ http {{
         .stderr(Stdio::null())
         .spawn()
         .expect("start nginx");
-    // A master and two workers.
-    Target::started("nginx", child, SocketAddr::from(([127, 0, 0, 1], port)), 3)
+    // A master and its workers.
+    Target::started(
+        "nginx",
+        child,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        workers + 1,
+    )
 }
 
-pub fn haproxy(dir: &Path, certs: &Certs, upstream: SocketAddr) -> Option<Target> {
+pub fn haproxy(dir: &Path, certs: &Certs, upstream: SocketAddr, workers: usize) -> Option<Target> {
     let (exe, dir) = installed("haproxy", dir)?;
     // haproxy wants the chain and its key in one file.
     let pem = dir.join("server.pem");
@@ -89,7 +94,7 @@ pub fn haproxy(dir: &Path, certs: &Certs, upstream: SocketAddr) -> Option<Target
     // here); 9,900 still holds the idle-connection mode's 9,000.
     let conf = format!(
         r#"global
-    nbthread 2
+    nbthread {workers}
     maxconn 9900
     tune.ssl.cachesize 20000
 

@@ -98,10 +98,11 @@ pub fn markdown(options: &Options, machine: &Machine, targets: &[Target], r: &Re
         .collect();
     let _ = writeln!(
         out,
-        "{} round(s) of {:.1} s per target and mode, interleaved; {} keep-alive connections; \
-         {}; {} new-connection loops.\n",
+        "{} round(s) of {:.1} s per target and mode, interleaved; {} worker(s) per proxy; \
+         {} keep-alive connections; {}; {} new-connection loops.\n",
         options.rounds,
         options.seconds,
+        options.workers,
         options.connections,
         offered.join(", "),
         options.handshake_workers,

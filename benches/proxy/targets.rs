@@ -131,6 +131,7 @@ pub fn portcullis(
     upstream: SocketAddr,
     audit: &Path,
     decision_cache: usize,
+    workers: usize,
 ) -> Target {
     let dir = dir.join(name);
     std::fs::create_dir_all(&dir).expect("target dir");
@@ -143,6 +144,7 @@ pub fn portcullis(
 listen = "127.0.0.1:0"
 upstream = "http://{upstream}"
 drain_timeout_ms = 1000
+workers = {workers}
 
 [identity]
 trust_domain = "pay.example"
