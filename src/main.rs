@@ -4,10 +4,29 @@
 // thread what the request workers allocated, which glibc mostly serves by
 // locking the workers' arena, and glibc's fast bins get consolidated on every
 // allocation above a kilobyte. Issue 7 measured 8% less CPU per proxied
-// request and 1.6 KB less per idle connection, for about 0.5 MB more idle
-// RSS (docs/performance.md). mimalloc was tried too: it doubled idle RSS.
+// request and 1.6 KB less per idle connection (docs/performance.md).
+// mimalloc was tried too: it doubled idle RSS.
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's compiled-in options, read once when it starts (its
+/// `malloc_conf`; `_RJEM_MALLOC_CONF` in the environment still overrides
+/// them). One arena instead of four per CPU: the sidecar has about ten
+/// threads but only its inbound workers and the audit writer allocate much,
+/// and each thread's cache serves them without the arena's locks. An arena
+/// per thread cost 0.8 MB of idle RSS (issue 7's target is 20 MB) and saved
+/// no CPU in the keep-alive bench.
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: MallocConf = MallocConf(c"narenas:1".as_ptr());
+
+/// A C string pointer, as jemalloc declares `malloc_conf`.
+#[repr(transparent)]
+struct MallocConf(*const std::ffi::c_char);
+
+// SAFETY: the pointer is to a `'static`, immutable C string literal.
+// Nothing writes through it, so threads sharing it (only jemalloc's
+// start-up reads it) cannot race.
+unsafe impl Sync for MallocConf {}
 
 use std::path::PathBuf;
 use std::process::ExitCode;
