@@ -160,9 +160,9 @@ impl Field<'_> {
     }
 }
 
-/// Each header's value as the document has it: the lines of a repeated
-/// header joined with ", ", invalid UTF-8 replaced. Borrowed when the
-/// header has one valid line.
+/// A header's value as the document has it: the lines of a repeated header
+/// joined with ", ", invalid UTF-8 replaced. Borrowed when the header has
+/// one valid line.
 pub fn header_value<'m>(map: &'m http::HeaderMap, name: &http::HeaderName) -> Cow<'m, str> {
     let mut lines = map.get_all(name).iter();
     let first = lines.next().map(|v| String::from_utf8_lossy(v.as_bytes()));
