@@ -356,7 +356,10 @@ async fn handle_connection(
         let shared = svc_shared.clone();
         let in_flight = svc_activity.request_started();
         async move {
-            let resp = handle_request(req, &ctx, &shared).await;
+            // Boxed: hyper keeps a slot sized for this future in every
+            // connection, idle or not, and the handler's state (about 3 KB)
+            // need only exist while a request does.
+            let resp = Box::pin(handle_request(req, &ctx, &shared)).await;
             Ok::<_, Infallible>(resp.map(|body| activity::Tracked::new(body, in_flight)))
         }
     });
