@@ -93,21 +93,11 @@ fn main() {
     .into_iter()
     .flatten()
     .collect();
-    if wanted("nginx") {
-        targets.extend(peers::nginx(
-            dir.path(),
-            &certs,
-            upstream_addr,
-            options.workers,
-        ));
-    }
-    if wanted("haproxy") {
-        targets.extend(peers::haproxy(
-            dir.path(),
-            &certs,
-            upstream_addr,
-            options.workers,
-        ));
+    let peers: [(&str, peers::Start); 2] = [("nginx", peers::nginx), ("haproxy", peers::haproxy)];
+    for (name, start) in peers {
+        if wanted(name) {
+            targets.extend(start(dir.path(), &certs, upstream_addr, options.workers));
+        }
     }
 
     // The generator gets the same two worker threads as every target.

@@ -14,6 +14,10 @@ use std::process::{Command, Stdio};
 
 use crate::targets::{find_exe, free_port, Certs, Target};
 
+/// How each peer is started: its directory, the certificates, the
+/// upstream, the worker count. `None` when it is not installed.
+pub type Start = fn(&Path, &Certs, SocketAddr, usize) -> Option<Target>;
+
 pub fn nginx(dir: &Path, certs: &Certs, upstream: SocketAddr, workers: usize) -> Option<Target> {
     let (exe, dir) = installed("nginx", dir)?;
     let port = free_port();
