@@ -1,9 +1,9 @@
 //! The proxies a user would pick instead, each terminating mTLS with the
 //! same dev certificates and forwarding to the same upstream, tuned the
 //! way /work/shared/PEERS.md says a competent operator would: two workers
-//! (the machine has two cores; `--workers` changes it for every proxy), pooled keep-alive upstream connections, no
-//! access log (Portcullis' audit trail is its own extra work, measured
-//! separately as audit on vs off).
+//! (the machine has two cores; `--workers` changes it for every proxy),
+//! pooled keep-alive upstream connections, no access log (Portcullis' audit
+//! trail is its own extra work, measured separately as audit on vs off).
 //!
 //! A peer that is not installed is skipped with a message; `scripts/bench.sh`
 //! installs them.
