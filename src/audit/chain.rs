@@ -39,20 +39,36 @@ impl Hasher {
     }
 
     pub fn hash(&self, bytes: &[u8]) -> String {
-        match self {
-            Hasher::Sha256 => hex::encode(Sha256::digest(bytes)),
+        let mut hex = [0u8; HEX_LEN];
+        let len = self.hash_into(bytes, &mut hex);
+        // Hex digits are ASCII.
+        String::from_utf8_lossy(&hex[..len]).into_owned()
+    }
+
+    /// Writes the lowercase hex hash of `bytes` into `hex` and returns its
+    /// length: on the writer thread, once per line, without allocating.
+    fn hash_into(&self, bytes: &[u8], hex: &mut [u8; HEX_LEN]) -> usize {
+        let digest = match self {
+            Hasher::Sha256 => Sha256::digest(bytes),
             Hasher::Hmac(key) => match <Hmac<Sha256> as Mac>::new_from_slice(key) {
                 Ok(mut mac) => {
                     mac.update(bytes);
-                    hex::encode(mac.finalize().into_bytes())
+                    mac.finalize().into_bytes()
                 }
                 // HMAC accepts keys of any length; this arm is unreachable
                 // in practice and still yields a hash that never verifies.
-                Err(_) => String::new(),
+                Err(_) => return 0,
             },
+        };
+        match hex::encode_to_slice(digest, hex) {
+            Ok(()) => HEX_LEN,
+            Err(_) => 0,
         }
     }
 }
+
+/// A SHA-256 in hex.
+const HEX_LEN: usize = 64;
 
 /// Numbers events and links each to the hash of the one before it.
 #[derive(Clone, Debug)]
@@ -102,20 +118,25 @@ impl Chain {
         self.seq += 1;
         let start = out.len();
         let (head, tail) = event.json.split_at(event.ts_end);
-        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(head);
         // Writing to a Vec cannot fail.
         let _ = write!(out, ",\"seq\":{}", self.seq);
         // `tail` is `,"kind":...}`: everything after `ts` with its brace.
-        out.extend_from_slice(&tail.as_bytes()[..tail.len().saturating_sub(1)]);
+        out.extend_from_slice(&tail[..tail.len().saturating_sub(1)]);
         out.extend_from_slice(b",\"prev\":\"");
         out.extend_from_slice(self.prev.as_bytes());
         out.extend_from_slice(b"\"}");
-        let hash = self.hasher.hash(&out[start..]);
+        let mut hex = [0u8; HEX_LEN];
+        let len = self.hasher.hash_into(&out[start..], &mut hex);
+        let hash = &hex[..len];
         out.pop();
         out.extend_from_slice(b",\"hash\":\"");
-        out.extend_from_slice(hash.as_bytes());
+        out.extend_from_slice(hash);
         out.extend_from_slice(b"\"}\n");
-        self.prev = hash;
+        self.prev.clear();
+        // Hex digits are ASCII, so this is always the whole hash.
+        self.prev
+            .push_str(std::str::from_utf8(hash).unwrap_or_default());
     }
 }
 
@@ -127,7 +148,7 @@ impl Chain {
 pub struct Prepared {
     pub kind: super::Kind,
     /// `{"ts":"...","kind":...}`.
-    json: String,
+    json: Vec<u8>,
     /// Where the `ts` field ends: `seq` goes here.
     ts_end: usize,
 }
@@ -140,9 +161,10 @@ impl Prepared {
         let ts_end = r#"{"ts":"#.len() + json_len(&event.ts);
         // Sized for a request event, so it is written without regrowing.
         let mut json = Vec::with_capacity(1024);
+        // Kept as bytes: serde_json writes UTF-8 only, and the writer
+        // needs bytes, so checking them again would be wasted work.
         let json = match serde_json::to_writer(&mut json, &event) {
-            // serde_json writes UTF-8 only; the fallback is never taken.
-            Ok(()) => String::from_utf8(json).map_err(|e| e.to_string()),
+            Ok(()) => Ok(json),
             Err(e) => Err(e.to_string()),
         };
         let json = json.unwrap_or_else(|e| {
@@ -153,6 +175,7 @@ impl Prepared {
                 serde_json::Value::from(event.ts.as_str()),
                 serde_json::Value::from(e),
             )
+            .into_bytes()
         });
         Prepared {
             kind: event.kind,
