@@ -8,6 +8,7 @@
 //! audit record and one `portcullis_requests_total` increment.
 
 mod activity;
+mod balance;
 pub mod body;
 pub(crate) mod breaker;
 mod framing;
@@ -201,13 +202,17 @@ pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    (balance, me): (Arc<balance::Balance>, usize),
     drain: drain::Watch,
 ) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             _ = drain.signaled() => break,
-            r = listener.accept() => r,
+            r = async {
+                balance.turn(me).await;
+                listener.accept().await
+            } => r,
             // Reaps finished connections so the set holds only live ones.
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
@@ -225,6 +230,7 @@ pub async fn serve(
             tracing::warn!(peer = %peer_addr, "connection limit reached, closing connection");
             continue;
         };
+        let seat = balance.seat(me);
         let shared = shared.clone();
         let drain = drain.clone();
         conns.spawn(async move {
@@ -232,6 +238,7 @@ pub async fn serve(
             handle_connection(tcp, peer_addr, &shared, drain).await;
             shared.metrics.open_connections.dec();
             drop(slot);
+            drop(seat);
         });
     }
     // Closed now, not when the last connection ends: new connections are

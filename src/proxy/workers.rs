@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::balance::Balance;
 use super::{serve, Shared};
 use crate::drain;
 
@@ -41,18 +42,21 @@ pub fn spawn(
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let listener = listener.into_std()?;
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let workers = workers.max(1);
+    let balance = Balance::new(workers);
     let mut handles = Vec::with_capacity(workers);
-    for i in 0..workers.max(1) {
+    for i in 0..workers {
         let socket = listener.try_clone()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let shared = Arc::new(shared.for_worker());
         let slots = slots.clone();
+        let seats = (balance.clone(), i);
         let drain = drain.clone();
         let handle = std::thread::Builder::new()
             .name(format!("portcullis-worker-{i}"))
-            .spawn(move || rt.block_on(run(socket, shared, slots, drain, drain_timeout)))?;
+            .spawn(move || rt.block_on(run(socket, shared, slots, seats, drain, drain_timeout)))?;
         handles.push(handle);
     }
     Ok(handles)
@@ -62,6 +66,7 @@ async fn run(
     socket: StdListener,
     shared: Arc<Shared>,
     slots: Arc<Semaphore>,
+    seats: (Arc<Balance>, usize),
     drain: drain::Watch,
     drain_timeout: Duration,
 ) {
@@ -81,7 +86,7 @@ async fn run(
         }
     };
     tokio::select! {
-        _ = serve(listener, shared, slots, drain) => {}
+        _ = serve(listener, shared, slots, seats, drain) => {}
         _ = deadline => tracing::warn!("drain deadline passed; closing this worker's remaining connections"),
     }
 }

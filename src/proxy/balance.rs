@@ -1,0 +1,170 @@
+//! Spreads inbound connections evenly over the workers.
+//!
+//! All workers wait on the one listening socket, and the kernel wakes every
+//! one of them for a new connection. Whichever is running first accepts,
+//! and keeps accepting while the others are still being scheduled: on two
+//! cores a burst of 32 keep-alive connections was often split 32/0 or
+//! 28/5, leaving one worker with all the requests and the other idle
+//! (issue 7's bench, `perf` on `accept4`). So a worker takes its turn at
+//! the socket only while it holds no more than one connection above the
+//! least loaded worker; the least loaded one may always accept, so some
+//! worker is always accepting.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+/// How many more connections than the least loaded worker a worker may
+/// hold and still accept.
+const SLACK: usize = 1;
+
+/// Live connections per worker.
+#[derive(Debug)]
+pub struct Balance {
+    counts: Box<[AtomicUsize]>,
+    /// Signalled whenever a count changes, for workers waiting their turn.
+    changed: Notify,
+}
+
+impl Balance {
+    pub fn new(workers: usize) -> Arc<Balance> {
+        Arc::new(Balance {
+            counts: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            changed: Notify::new(),
+        })
+    }
+
+    /// Resolves once worker `me` may accept a connection.
+    pub async fn turn(&self, me: usize) {
+        loop {
+            // Registered before the check, so a change between the check
+            // and the wait is not missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.may_accept(me) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn may_accept(&self, me: usize) -> bool {
+        let Some(mine) = self.counts.get(me) else {
+            return true;
+        };
+        let least = self
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        mine.load(Ordering::Relaxed) <= least + SLACK
+    }
+
+    /// Counts a connection for worker `me` until the seat is dropped.
+    pub fn seat(self: &Arc<Balance>, me: usize) -> Seat {
+        if let Some(c) = self.counts.get(me) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+        Seat {
+            balance: self.clone(),
+            me,
+        }
+    }
+
+    #[cfg(test)]
+    fn count(&self, me: usize) -> usize {
+        self.counts[me].load(Ordering::Relaxed)
+    }
+}
+
+/// One live connection on one worker.
+#[derive(Debug)]
+pub struct Seat {
+    balance: Arc<Balance>,
+    me: usize,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if let Some(c) = self.balance.counts.get(self.me) {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.balance.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn ready(balance: &Balance, me: usize) -> bool {
+        let turn = balance.turn(me);
+        tokio::pin!(turn);
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        turn.as_mut().poll(&mut cx).is_ready()
+    }
+
+    use std::future::Future as _;
+
+    #[test]
+    fn a_worker_ahead_by_more_than_the_slack_waits_and_the_least_loaded_never_does() {
+        let balance = Balance::new(2);
+        let a1 = balance.seat(0);
+        assert!(ready(&balance, 0), "1 against 0 is within the slack");
+        let _a2 = balance.seat(0);
+        assert!(!ready(&balance, 0), "2 against 0 must wait");
+        assert!(ready(&balance, 1), "the least loaded worker always may");
+        drop(a1);
+        assert!(ready(&balance, 0), "back to 1 against 0");
+        assert_eq!(balance.count(0), 1);
+    }
+
+    #[test]
+    fn one_worker_always_accepts() {
+        let balance = Balance::new(1);
+        let _seats: Vec<_> = (0..100).map(|_| balance.seat(0)).collect();
+        assert!(ready(&balance, 0));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_another_catches_up() {
+        let balance = Balance::new(2);
+        let _a = [balance.seat(0), balance.seat(0)];
+        let waiting = tokio::spawn({
+            let balance = balance.clone();
+            async move { balance.turn(0).await }
+        });
+        // Still waiting: worker 1 holds nothing.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        let _b = balance.seat(1);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by worker 1's new connection")
+            .expect("the turn task ran to the end");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_its_own_connection_ends() {
+        let balance = Balance::new(2);
+        let a1 = balance.seat(0);
+        let _a2 = balance.seat(0);
+        let waiting = tokio::spawn({
+            let balance = balance.clone();
+            async move { balance.turn(0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(a1);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by its connection ending")
+            .expect("the turn task ran to the end");
+    }
+}
