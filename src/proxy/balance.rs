@@ -8,9 +8,11 @@
 //! (issue 7's bench, `perf` on `accept4`). So a worker takes its turn at
 //! the socket only while it holds no more than one connection above the
 //! least loaded worker; the least loaded one may always accept, so some
-//! worker is always accepting.
+//! worker is always accepting. Only workers serving the socket count: one
+//! that could not register it, or has stopped, must not hold the others
+//! back.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -23,6 +25,8 @@ const SLACK: usize = 1;
 #[derive(Debug)]
 pub struct Balance {
     counts: Box<[AtomicUsize]>,
+    /// Which workers are accepting from the socket (see [`Member`]).
+    serving: Box<[AtomicBool]>,
     /// Signalled whenever a count changes, for workers waiting their turn.
     changed: Notify,
 }
@@ -31,6 +35,9 @@ impl Balance {
     pub fn new(workers: usize) -> Arc<Balance> {
         Arc::new(Balance {
             counts: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            serving: (0..workers.max(1))
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             changed: Notify::new(),
         })
     }
@@ -54,13 +61,29 @@ impl Balance {
         let Some(mine) = self.counts.get(me) else {
             return true;
         };
+        let mine = mine.load(Ordering::Relaxed);
         let least = self
             .counts
             .iter()
-            .map(|c| c.load(Ordering::Relaxed))
+            .zip(self.serving.iter())
+            .filter(|(_, serving)| serving.load(Ordering::Relaxed))
+            .map(|(c, _)| c.load(Ordering::Relaxed))
             .min()
-            .unwrap_or(0);
-        mine.load(Ordering::Relaxed) <= least + SLACK
+            .unwrap_or(mine);
+        mine <= least + SLACK
+    }
+
+    /// Worker `me` serves the socket until the returned guard is dropped
+    /// (its serve loop ended, or its thread unwound).
+    pub fn join(self: &Arc<Balance>, me: usize) -> Member {
+        if let Some(s) = self.serving.get(me) {
+            s.store(true, Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+        Member {
+            balance: self.clone(),
+            me,
+        }
     }
 
     /// Counts a connection for worker `me` until the seat is dropped.
@@ -78,6 +101,22 @@ impl Balance {
     #[cfg(test)]
     fn count(&self, me: usize) -> usize {
         self.counts[me].load(Ordering::Relaxed)
+    }
+}
+
+/// A worker serving the socket.
+#[derive(Debug)]
+pub struct Member {
+    balance: Arc<Balance>,
+    me: usize,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        if let Some(s) = self.balance.serving.get(self.me) {
+            s.store(false, Ordering::Relaxed);
+        }
+        self.balance.changed.notify_waiters();
     }
 }
 
@@ -115,6 +154,7 @@ mod tests {
     #[test]
     fn a_worker_ahead_by_more_than_the_slack_waits_and_the_least_loaded_never_does() {
         let balance = Balance::new(2);
+        let _members = [balance.join(0), balance.join(1)];
         let a1 = balance.seat(0);
         assert!(ready(&balance, 0), "1 against 0 is within the slack");
         let _a2 = balance.seat(0);
@@ -128,6 +168,7 @@ mod tests {
     #[test]
     fn one_worker_always_accepts() {
         let balance = Balance::new(1);
+        let _member = balance.join(0);
         let _seats: Vec<_> = (0..100).map(|_| balance.seat(0)).collect();
         assert!(ready(&balance, 0));
     }
@@ -135,6 +176,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_worker_is_woken_when_another_catches_up() {
         let balance = Balance::new(2);
+        let _members = [balance.join(0), balance.join(1)];
         let _a = [balance.seat(0), balance.seat(0)];
         let waiting = tokio::spawn({
             let balance = balance.clone();
@@ -153,6 +195,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_worker_is_woken_when_its_own_connection_ends() {
         let balance = Balance::new(2);
+        let _members = [balance.join(0), balance.join(1)];
         let a1 = balance.seat(0);
         let _a2 = balance.seat(0);
         let waiting = tokio::spawn({
@@ -165,6 +208,40 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken by its connection ending")
+            .expect("the turn task ran to the end");
+    }
+
+    #[test]
+    fn a_worker_not_serving_the_socket_holds_no_one_back() {
+        let balance = Balance::new(3);
+        // Worker 2 never registered the socket.
+        let _members = [balance.join(0), balance.join(1)];
+        let _seats: Vec<_> = (0..5)
+            .flat_map(|_| [balance.seat(0), balance.seat(1)])
+            .collect();
+        assert!(ready(&balance, 0), "5 against 5 among the serving workers");
+        let one = balance.join(2);
+        assert!(!ready(&balance, 0), "worker 2 serves now and holds nothing");
+        drop(one);
+        assert!(ready(&balance, 0), "worker 2 stopped serving");
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_another_stops_serving() {
+        let balance = Balance::new(2);
+        let _zero = balance.join(0);
+        let one = balance.join(1);
+        let _a = [balance.seat(0), balance.seat(0)];
+        let waiting = tokio::spawn({
+            let balance = balance.clone();
+            async move { balance.turn(0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drop(one);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by worker 1 leaving")
             .expect("the turn task ran to the end");
     }
 }

@@ -78,6 +78,8 @@ async fn run(
             return;
         }
     };
+    // Counted in the balance only while this worker serves the socket.
+    let _member = seats.0.join(seats.1);
     let deadline = {
         let drain = drain.clone();
         async move {
