@@ -173,44 +173,6 @@ mod tests {
         assert!(ready(&balance, 0));
     }
 
-    #[tokio::test]
-    async fn a_waiting_worker_is_woken_when_another_catches_up() {
-        let balance = Balance::new(2);
-        let _members = [balance.join(0), balance.join(1)];
-        let _a = [balance.seat(0), balance.seat(0)];
-        let waiting = tokio::spawn({
-            let balance = balance.clone();
-            async move { balance.turn(0).await }
-        });
-        // Still waiting: worker 1 holds nothing.
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        let _b = balance.seat(1);
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken by worker 1's new connection")
-            .expect("the turn task ran to the end");
-    }
-
-    #[tokio::test]
-    async fn a_waiting_worker_is_woken_when_its_own_connection_ends() {
-        let balance = Balance::new(2);
-        let _members = [balance.join(0), balance.join(1)];
-        let a1 = balance.seat(0);
-        let _a2 = balance.seat(0);
-        let waiting = tokio::spawn({
-            let balance = balance.clone();
-            async move { balance.turn(0).await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiting.is_finished());
-        drop(a1);
-        tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("woken by its connection ending")
-            .expect("the turn task ran to the end");
-    }
-
     #[test]
     fn a_worker_not_serving_the_socket_holds_no_one_back() {
         let balance = Balance::new(3);
@@ -226,22 +188,57 @@ mod tests {
         assert!(ready(&balance, 0), "worker 2 stopped serving");
     }
 
-    #[tokio::test]
-    async fn a_waiting_worker_is_woken_when_another_stops_serving() {
+    /// Worker 0 holding two connections, worker 1 none.
+    struct Scene {
+        balance: Arc<Balance>,
+        one: Option<Member>,
+        first: Option<Seat>,
+        more: Vec<Seat>,
+    }
+
+    /// Worker 0 waits its turn until `change` is made to the scene, then
+    /// must be woken. Everything the change leaves in place stays alive
+    /// while the test waits.
+    async fn woken_by(change: impl FnOnce(&mut Scene)) {
         let balance = Balance::new(2);
         let _zero = balance.join(0);
-        let one = balance.join(1);
-        let _a = [balance.seat(0), balance.seat(0)];
+        let mut scene = Scene {
+            one: Some(balance.join(1)),
+            first: Some(balance.seat(0)),
+            more: vec![balance.seat(0)],
+            balance,
+        };
         let waiting = tokio::spawn({
-            let balance = balance.clone();
+            let balance = scene.balance.clone();
             async move { balance.turn(0).await }
         });
+        // One poll of the waiting task: it must not be through yet.
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
-        drop(one);
+        change(&mut scene);
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
-            .expect("woken by worker 1 leaving")
+            .expect("worker 0 was woken")
             .expect("the turn task ran to the end");
+        drop(scene);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_another_catches_up() {
+        woken_by(|scene| {
+            let seat = scene.balance.seat(1);
+            scene.more.push(seat);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_its_own_connection_ends() {
+        woken_by(|scene| scene.first = None).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiting_worker_is_woken_when_another_stops_serving() {
+        woken_by(|scene| scene.one = None).await;
     }
 }
