@@ -139,6 +139,7 @@ impl Drop for Seat {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future as _;
     use std::time::Duration;
 
     fn ready(balance: &Balance, me: usize) -> bool {
@@ -148,8 +149,6 @@ mod tests {
         let mut cx = std::task::Context::from_waker(waker);
         turn.as_mut().poll(&mut cx).is_ready()
     }
-
-    use std::future::Future as _;
 
     #[test]
     fn a_worker_ahead_by_more_than_the_slack_waits_and_the_least_loaded_never_does() {
