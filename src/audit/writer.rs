@@ -200,6 +200,35 @@ impl Output {
     }
 }
 
+/// Puts the calling thread (the writer) under `SCHED_BATCH`: the same
+/// share of the CPU as before, but its wake-ups no longer preempt whatever
+/// runs on that core. Otherwise each gathered batch woke straight onto a
+/// core a request worker was using, and that worker's requests waited out
+/// the page-cache copy of a few hundred lines: part of the open loop's tail
+/// with audit on (issue 7's bench). Unprivileged: only real-time policies
+/// and raised priorities need `CAP_SYS_NICE`. Where it is refused (a
+/// seccomp profile), the writer runs as before.
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn no_wakeup_preemption() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` only reads `param`, which lives on this
+    // stack for the whole call and is a valid `sched_param` (0 is the one
+    // priority SCHED_BATCH takes); pid 0 names the calling thread, so no
+    // other thread's state is touched, and no pointer outlives the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn no_wakeup_preemption() -> std::io::Result<()> {
+    Ok(())
+}
+
 fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
     match r {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -279,6 +308,9 @@ impl Loop {
     }
 
     pub(super) fn run(mut self) {
+        if let Err(e) = no_wakeup_preemption() {
+            tracing::debug!(error = %e, "audit writer keeps the default scheduling policy");
+        }
         let mut batch = Vec::with_capacity(MAX_BATCH);
         // Only for the timed wait on an empty queue; the writer's own I/O
         // stays blocking on this thread.
@@ -507,6 +539,36 @@ impl Loop {
             self.sync_now();
         } else {
             self.unsynced = true;
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The scheduling policy of the calling thread, from the kernel's own
+    /// account of it (field 41 of `/proc/thread-self/stat`).
+    fn policy_of_this_thread() -> Option<i32> {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+        // The command name may hold spaces; fields are counted after it.
+        let rest = stat.rsplit_once(") ")?.1;
+        rest.split_whitespace().nth(41 - 3)?.parse().ok()
+    }
+
+    #[test]
+    fn no_wakeup_preemption_moves_the_thread_to_sched_batch() {
+        let policy = std::thread::spawn(|| {
+            let before = policy_of_this_thread();
+            super::no_wakeup_preemption().map(|()| (before, policy_of_this_thread()))
+        })
+        .join()
+        .expect("the probe thread ran");
+        match policy {
+            Ok((before, after)) => {
+                assert_eq!(before, Some(libc::SCHED_OTHER));
+                assert_eq!(after, Some(libc::SCHED_BATCH));
+            }
+            // Only a sandbox that forbids the call may refuse it.
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
         }
     }
 }
