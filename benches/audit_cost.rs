@@ -84,7 +84,8 @@ async fn writer_run(path: &str, hasher: Hasher, fsync: Fsync, events: usize) -> 
             tokio::spawn(async move {
                 for k in 0..events / 4 {
                     loop {
-                        if let Some(r) = sink.reserve(request_event(t * events + k)) {
+                        if let Some(r) = sink.reserve(request_event(t * events + k), Instant::now())
+                        {
                             r.finish(200);
                             break;
                         }

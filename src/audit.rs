@@ -195,8 +195,14 @@ pub struct Svid {
 
 impl Event {
     pub fn new(kind: Kind) -> Event {
+        Event::at(kind, SystemTime::now())
+    }
+
+    /// An event stamped with a time the caller already read (a request's
+    /// arrival, also shown to the policy), saving a second clock read.
+    pub fn at(kind: Kind, time: SystemTime) -> Event {
         Event {
-            ts: timestamp(SystemTime::now()),
+            ts: timestamp(time),
             kind,
             ..Event::blank()
         }
@@ -499,7 +505,9 @@ impl AuditSink {
     /// request must be refused: under `fail_closed`, when the queue is full
     /// or the writer is failing. Under `fail_open` there is always a record;
     /// if it finds no room when it is sent, it is counted as dropped.
-    pub fn reserve(&self, event: Event) -> Option<RequestRecord> {
+    /// `started` is when the request arrived: the record's `duration_us`
+    /// counts from it.
+    pub fn reserve(&self, event: Event, started: Instant) -> Option<RequestRecord> {
         let open = self.state.on_full == OnFull::FailOpen;
         if !open && self.is_failing() {
             return None;
@@ -512,7 +520,7 @@ impl AuditSink {
         Some(RequestRecord {
             slot,
             event,
-            started: Instant::now(),
+            started,
         })
     }
 
@@ -555,18 +563,21 @@ pub struct RequestRecord {
 }
 
 impl RequestRecord {
-    pub fn finish(mut self, status: u16) {
-        self.send(status);
+    /// Sends the record; returns the time since the request arrived, as
+    /// written in `duration_us`, for the caller's metrics.
+    pub fn finish(mut self, status: u16) -> Duration {
+        self.send(status)
     }
 
-    fn send(&mut self, status: u16) {
+    fn send(&mut self, status: u16) -> Duration {
+        let elapsed = self.started.elapsed();
         let slot = std::mem::replace(&mut self.slot, Slot::Sent);
         if matches!(slot, Slot::Sent) {
-            return;
+            return elapsed;
         }
         let mut event = std::mem::replace(&mut self.event, Event::blank());
         event.response = Some(Response { status });
-        event.duration_us = Some(self.started.elapsed().as_micros() as u64);
+        event.duration_us = Some(elapsed.as_micros() as u64);
         match slot {
             Slot::Reserved(permit) => {
                 permit.send(Msg::Event(chain::Prepared::new(event)));
@@ -574,6 +585,7 @@ impl RequestRecord {
             Slot::BestEffort(sink) => sink.record(event),
             Slot::Sent => {}
         }
+        elapsed
     }
 }
 

@@ -220,7 +220,7 @@ async fn handle_request(
         .into_owned(),
         headers: Some(out.audit.header_policy().redact(req.headers())),
     });
-    let Some(mut record) = out.audit.reserve(event) else {
+    let Some(mut record) = out.audit.reserve(event, started) else {
         out.metrics
             .outbound
             .requests
@@ -242,11 +242,11 @@ async fn handle_request(
             dry_run,
             cached: false,
         });
-        record.finish(status);
+        let elapsed = record.finish(status);
         out.metrics
             .outbound
             .requests
-            .record(decision, status, started.elapsed().as_secs_f64());
+            .record(decision, status, elapsed.as_secs_f64());
         response
     };
 

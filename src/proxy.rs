@@ -525,6 +525,8 @@ fn reject_handshake(
 
 async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) -> Response<Body> {
     let started = Instant::now();
+    // One wall-clock read for the audit timestamp and the policy's `time`.
+    let arrived = SystemTime::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let policy = shared.policy.load_full();
     let method = req.method().as_str().to_owned();
@@ -534,7 +536,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         .map(|pq| pq.as_str())
         .unwrap_or("/");
 
-    let mut event = Event::new(Kind::Request);
+    let mut event = Event::at(Kind::Request, arrived);
     event.request_id = Some(request_id.clone());
     event.source = Some(audit::Source {
         spiffe_id: Some(ctx.peer.spiffe_id.to_string()),
@@ -545,7 +547,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         path: audit::redact_pans(raw_target).into_owned(),
         headers: Some(shared.audit.header_policy().redact(req.headers())),
     });
-    let Some(mut record) = shared.audit.reserve(event) else {
+    let Some(mut record) = shared.audit.reserve(event, started) else {
         shared
             .metrics
             .record_request("error", 503, started.elapsed().as_secs_f64());
@@ -570,10 +572,10 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             dry_run,
             cached: from_cache.load(std::sync::atomic::Ordering::Relaxed),
         });
-        record.finish(status);
+        let elapsed = record.finish(status);
         shared
             .metrics
-            .record_request(decision, status, started.elapsed().as_secs_f64());
+            .record_request(decision, status, elapsed.as_secs_f64());
         response
     };
 
@@ -694,7 +696,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         source_path: ctx.peer.spiffe_id.path(),
         source_addr: ctx.peer_addr,
         destination_spiffe_id: ctx.own_id.as_str(),
-        time: SystemTime::now(),
+        time: arrived,
     };
     let body_facts = body_prefix.as_ref().map(|(kind, prefix)| BodyFacts {
         kind: *kind,

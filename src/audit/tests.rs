@@ -98,11 +98,17 @@ async fn writer_writes_chained_lines_and_reserved_records() {
     let metrics = metrics();
     let (sink, writer) = start(path.to_str().unwrap(), 8, metrics.clone()).unwrap();
     sink.record(Event::new(Kind::Startup));
-    let mut record = sink.reserve(Event::new(Kind::Request)).unwrap();
+    // Counted from the arrival the caller passes, not from the reservation.
+    let arrived = Instant::now() - Duration::from_millis(50);
+    let mut record = sink.reserve(Event::new(Kind::Request), arrived).unwrap();
     record.event.request_id = Some("r1".into());
-    record.finish(200);
+    let elapsed = record.finish(200);
+    assert!(elapsed >= Duration::from_millis(50), "{elapsed:?}");
     // Dropped without finish: still written, as an abandoned request.
-    drop(sink.reserve(Event::new(Kind::Request)).unwrap());
+    drop(
+        sink.reserve(Event::new(Kind::Request), Instant::now())
+            .unwrap(),
+    );
     writer.finish().await;
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(verify(&text), Ok(3));
@@ -112,6 +118,8 @@ async fn writer_writes_chained_lines_and_reserved_records() {
         .collect();
     assert_eq!(lines[1]["request_id"], "r1");
     assert_eq!(lines[1]["response"]["status"], 200);
+    // The metrics get the duration the trail records.
+    assert_eq!(lines[1]["duration_us"], elapsed.as_micros() as u64);
     assert_eq!(lines[2]["response"]["status"], 499);
     assert_eq!(metrics.audit_written.get(), 3);
 }
@@ -194,9 +202,11 @@ async fn keep_files_bounds_the_rotated_files() {
 async fn full_queue_refuses_reservations_when_fail_closed() {
     let metrics = metrics();
     let (sink, _rx) = test_sink(OnFull::FailClosed, metrics.clone());
-    let held = sink.reserve(Event::new(Kind::Request));
+    let held = sink.reserve(Event::new(Kind::Request), Instant::now());
     assert!(held.is_some());
-    assert!(sink.reserve(Event::new(Kind::Request)).is_none());
+    assert!(sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .is_none());
     sink.record(Event::new(Kind::Startup));
     assert_eq!(metrics.audit_dropped.get(), 1);
     drop(held);
@@ -206,8 +216,12 @@ async fn full_queue_refuses_reservations_when_fail_closed() {
 async fn full_queue_serves_and_counts_when_fail_open() {
     let metrics = metrics();
     let (sink, _rx) = test_sink(OnFull::FailOpen, metrics.clone());
-    let held = sink.reserve(Event::new(Kind::Request)).unwrap();
-    let extra = sink.reserve(Event::new(Kind::Request)).unwrap();
+    let held = sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .unwrap();
+    let extra = sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .unwrap();
     extra.finish(200);
     assert_eq!(metrics.audit_dropped.get(), 1);
     assert_eq!(sink.state.lost.load(Ordering::Relaxed), 1);
@@ -247,7 +261,9 @@ async fn write_errors_fail_closed_until_shutdown() {
         );
         tokio::task::yield_now().await;
     }
-    assert!(sink.reserve(Event::new(Kind::Request)).is_none());
+    assert!(sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .is_none());
     writer.finish().await;
     assert_eq!(metrics.audit_written.get(), 0);
     assert_eq!(metrics.audit_dropped.get(), 1);
@@ -390,7 +406,9 @@ async fn fail_open_writes_a_gap_when_a_broken_pipe_recovers() {
     }
     assert!(sink.is_failing());
     // Under fail_open, requests are still served while the writer fails.
-    assert!(sink.reserve(Event::new(Kind::Request)).is_some());
+    assert!(sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .is_some());
     wait_until("the abandoned record to be counted", || {
         metrics.audit_dropped.get() == before + 4
     })
@@ -420,10 +438,14 @@ async fn fail_closed_refuses_while_failing_and_loses_nothing_when_it_recovers() 
     assert_eq!(next_line(&reader.lines)["detail"], "first");
     reader.close_after_next(&sink);
 
-    let record = sink.reserve(Event::new(Kind::Request)).unwrap();
+    let record = sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .unwrap();
     record.finish(200);
     wait_until("the writer to fail", || sink.is_failing()).await;
-    assert!(sink.reserve(Event::new(Kind::Request)).is_none());
+    assert!(sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .is_none());
     sink.refused();
 
     let reader = fifo.reader();
@@ -433,7 +455,9 @@ async fn fail_closed_refuses_while_failing_and_loses_nothing_when_it_recovers() 
     assert_eq!(retried["kind"], "request", "{retried}");
     assert_eq!(retried["response"]["status"], 200);
     wait_until("the writer to recover", || !sink.is_failing()).await;
-    assert!(sink.reserve(Event::new(Kind::Request)).is_some());
+    assert!(sink
+        .reserve(Event::new(Kind::Request), Instant::now())
+        .is_some());
     sink.record(Event::with_detail(Kind::Startup, "after"));
     let gap = next_line(lines);
     assert_eq!(gap["kind"], "gap", "{gap}");
