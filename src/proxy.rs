@@ -366,7 +366,7 @@ async fn handle_connection(
             // Boxed: hyper keeps a slot sized for this future in every
             // connection, idle or not, and the handler's state (about 3 KB)
             // need only exist while a request does.
-            let resp = Box::pin(handle_request(req, &ctx, &shared)).await;
+            let resp = boxed(|| handle_request(req, &ctx, &shared)).await;
             Ok::<_, Infallible>(resp.map(|body| activity::Tracked::new(body, in_flight)))
         }
     });
@@ -411,6 +411,14 @@ async fn handle_connection(
             tracing::debug!(peer = %peer_addr, error = %e, "connection ended with an error");
         }
     }
+}
+
+/// Boxes the future `make` returns, built in its allocation. `Box::pin(f())`
+/// builds the future on the stack and then copies all of it, though only
+/// its arguments are set: 3 KB per request for the request handler
+/// (docs/performance.md, "Sixth round").
+fn boxed<F: std::future::Future>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// Serves one authenticated connection until it ends, draining starts, or
@@ -859,11 +867,13 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     // connection, idle or not, and the connect path inside `send` would
     // make it a kilobyte larger (issue 7 measures memory per idle
     // connection).
-    let send = Box::pin(upstream.pool.send(Request::from_parts(
-        parts,
-        // Counted while streaming: the body is never buffered whole.
-        Limited::new(body, shared.limits.max_request_body_bytes),
-    )));
+    let send = boxed(|| {
+        upstream.pool.send(Request::from_parts(
+            parts,
+            // Counted while streaming: the body is never buffered whole.
+            Limited::new(body, shared.limits.max_request_body_bytes),
+        ))
+    });
     let sent = tokio::time::timeout(upstream.timeout, send).await;
     admission.record(breaker_success(&sent));
     let (kind, status, message) = match sent {
