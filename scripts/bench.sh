@@ -2,9 +2,15 @@
 # One command for the issue 7 benchmark: install the peers we compare
 # against when missing, then run `cargo bench --bench proxy`.
 #
-#   scripts/bench.sh                 # full run, ~9 minutes on 2 cores (after the build)
+#   scripts/bench.sh                 # full run, ~11 minutes on 2 cores (after the builds)
 #   scripts/bench.sh --quick         # a few seconds per target
 #   scripts/bench.sh --rate 5000     # extra flags go to the bench
+#   scripts/bench.sh --no-pgo ...    # measure cargo's release build instead
+#
+# By default the sidecar measured is the profile-guided build of
+# scripts/pgo.sh (about 15 minutes more), the build to deploy; where it
+# cannot be made, cargo's release build, and the table's first line says
+# which.
 #
 # The table is printed and written to target/bench/results.md.
 set -euo pipefail
@@ -34,6 +40,19 @@ if ! have nginx; then
 fi
 if ! have haproxy; then
     apt_install haproxy || true
+fi
+
+pgo=1
+if [ "${1:-}" = "--no-pgo" ]; then
+    pgo=0
+    shift
+fi
+if [ "$pgo" = 1 ]; then
+    if binary=$(scripts/pgo.sh); then
+        export PORTCULLIS_BENCH_BINARY="$binary"
+    else
+        echo "bench.sh: no profile-guided build; measuring cargo's release build" >&2
+    fi
 fi
 
 exec cargo bench --bench proxy -- "$@"

@@ -18,6 +18,8 @@ pub struct Machine {
     load: String,
     date: String,
     commit: String,
+    /// Which build of the sidecar is measured.
+    binary: String,
     peers: Vec<String>,
 }
 
@@ -40,6 +42,10 @@ impl Machine {
                 .join(" "),
             date: output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             commit: output("git", &["rev-parse", "--short", "HEAD"]),
+            binary: match std::env::var("PORTCULLIS_BENCH_BINARY") {
+                Ok(p) if !p.is_empty() => format!("portcullis binary: {p}"),
+                _ => "portcullis binary: cargo's release build".to_owned(),
+            },
             peers: [("nginx", "-v"), ("haproxy", "-v")]
                 .iter()
                 .map(|(p, flag)| output(p, &[flag]))
@@ -77,7 +83,7 @@ pub fn markdown(options: &Options, machine: &Machine, targets: &[Target], r: &Re
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{} run, {} on {}; {} CPUs ({}), load average {} at start; commit {}; {}.\n",
+        "{} run, {} on {}; {} CPUs ({}), load average {} at start; commit {}; {}; {}.\n",
         if options.quick { "Quick" } else { "Full" },
         machine.date,
         std::env::consts::ARCH,
@@ -85,6 +91,7 @@ pub fn markdown(options: &Options, machine: &Machine, targets: &[Target], r: &Re
         machine.model,
         machine.load,
         machine.commit,
+        machine.binary,
         if machine.peers.is_empty() {
             "no peers installed".to_owned()
         } else {

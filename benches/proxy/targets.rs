@@ -11,7 +11,15 @@ use std::time::{Duration, Instant};
 
 use crate::procstat::ProcTree;
 
-pub const PORTCULLIS: &str = env!("CARGO_BIN_EXE_portcullis");
+/// The sidecar measured: `PORTCULLIS_BENCH_BINARY` when set (scripts/pgo.sh's
+/// profile-guided build, as scripts/bench.sh sets it), else cargo's release
+/// build of this checkout.
+pub fn portcullis_binary() -> PathBuf {
+    std::env::var_os("PORTCULLIS_BENCH_BINARY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_portcullis")))
+}
 
 pub struct Target {
     pub name: &'static str,
@@ -182,10 +190,10 @@ listen = "127.0.0.1:0"
     let mut command = match wrap.next() {
         Some(tool) => {
             let mut c = Command::new(tool);
-            c.args(wrap).arg(PORTCULLIS);
+            c.args(wrap).arg(portcullis_binary());
             c
         }
-        None => Command::new(PORTCULLIS),
+        None => Command::new(portcullis_binary()),
     };
     let child = command
         .arg("run")
