@@ -3,7 +3,7 @@
 # against when missing, then run `cargo bench --bench proxy`.
 #
 #   scripts/bench.sh                 # full run, ~11 minutes on 2 cores (after the builds)
-#   scripts/bench.sh --quick         # a few seconds per target
+#   scripts/bench.sh --quick         # a few seconds per target, cargo's release build
 #   scripts/bench.sh --rate 5000     # extra flags go to the bench
 #   scripts/bench.sh --no-pgo ...    # measure cargo's release build instead
 #
@@ -47,6 +47,12 @@ if [ "${1:-}" = "--no-pgo" ]; then
     pgo=0
     shift
 fi
+# A quick run is a smoke check: not worth two more release builds.
+for arg in "$@"; do
+    if [ "$arg" = "--quick" ]; then
+        pgo=0
+    fi
+done
 if [ "$pgo" = 1 ]; then
     if binary=$(scripts/pgo.sh); then
         export PORTCULLIS_BENCH_BINARY="$binary"
