@@ -665,12 +665,14 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     let (body, body_prefix) = match (shared.max_body_bytes, body::kind(&parts.headers)) {
         (limit, Some(kind)) if limit > 0 => {
             // Boxed for the same reason as the upstream call below.
-            match Box::pin(body::read_prefix(
-                body,
-                &parts.headers,
-                limit,
-                shared.limits.header_read_timeout,
-            ))
+            match boxed(|| {
+                body::read_prefix(
+                    body,
+                    &parts.headers,
+                    limit,
+                    shared.limits.header_read_timeout,
+                )
+            })
             .await
             {
                 Ok((replay, prefix)) => (replay, Some((kind, prefix))),
