@@ -189,6 +189,9 @@ async fn handle_request(
     out: &Outbound,
 ) -> Response<Body> {
     let started = Instant::now();
+    // One wall-clock read for the audit timestamp and the policy's `time`,
+    // as on the inbound side.
+    let arrived = SystemTime::now();
     let request_id = uuid::Uuid::new_v4().to_string();
     let identity = out.identity.load_full();
     let policy = out.policy.load_full();
@@ -196,7 +199,7 @@ async fn handle_request(
     let host = route::request_host(req.headers(), req.uri());
     let route = host.as_deref().and_then(|h| out.routes.get(h));
 
-    let mut event = Event::new(Kind::Request);
+    let mut event = Event::at(Kind::Request, arrived);
     event.request_id = Some(request_id.clone());
     event.direction = Some(audit::Direction::Outbound);
     event.source = Some(audit::Source {
@@ -308,7 +311,7 @@ async fn handle_request(
         source_path: identity.spiffe_id.path(),
         source_addr: peer,
         destination_spiffe_id: &principal,
-        time: SystemTime::now(),
+        time: arrived,
     };
     // A refusal is (reason, metric label, response); in dry-run it is only
     // recorded, and the request goes on as `would_deny`.
