@@ -264,6 +264,30 @@ impl DecisionCache {
                     key.push(b'V');
                     encode_headers(map, &mut key);
                 }
+                // The bytes `encode_value` writes for these values, written
+                // from the path and query without making the values: on a
+                // hit they would be made only to be encoded.
+                Field::FullPath if depth == path.len() => {
+                    key.extend_from_slice(b"Vs");
+                    match facts.query {
+                        Some(q) => {
+                            push_len(&mut key, facts.path.len() + 1 + q.len());
+                            key.extend_from_slice(facts.path.as_bytes());
+                            key.push(b'?');
+                            key.extend_from_slice(q.as_bytes());
+                        }
+                        None => push_str(&mut key, facts.path),
+                    }
+                }
+                Field::ParsedPath if depth == path.len() => {
+                    key.extend_from_slice(b"V[");
+                    let count = facts.path.split('/').filter(|s| !s.is_empty()).count();
+                    push_len(&mut key, count);
+                    for segment in input::path_segments(facts.path) {
+                        key.push(b's');
+                        push_str(&mut key, &segment);
+                    }
+                }
                 _ => encode_at(&field.value(facts), &path[depth..], depth, &mut key),
             }
         }

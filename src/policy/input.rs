@@ -327,17 +327,17 @@ fn headers(map: &http::HeaderMap) -> Value {
 /// OPA-Envoy's `parsed_path`, minus its `[""]` for `/`).
 fn parsed_path(path: &str) -> Value {
     Value::from(
-        path.split('/')
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                Value::from(
-                    percent_encoding::percent_decode_str(s)
-                        .decode_utf8_lossy()
-                        .as_ref(),
-                )
-            })
+        path_segments(path)
+            .map(|s| Value::from(s.as_ref()))
             .collect::<Vec<_>>(),
     )
+}
+
+/// The strings of `input.parsed_path`: the non-empty segments, decoded.
+pub fn path_segments(path: &str) -> impl Iterator<Item = Cow<'_, str>> {
+    path.split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
 }
 
 /// `name -> [values...]` with form-urlencoded decoding (`+` is a space),
