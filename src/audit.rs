@@ -13,6 +13,7 @@
 //! drops, and writes a `gap` event with the count once writing resumes.
 
 mod chain;
+mod json;
 mod redact;
 mod verify;
 mod writer;
@@ -68,6 +69,39 @@ pub enum Kind {
     /// An outbound connection refused because the server did not prove
     /// the identity its route requires.
     EgressRefused,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 11] = [
+        Kind::Request,
+        Kind::HandshakeRejected,
+        Kind::PolicyLoaded,
+        Kind::PolicyRejected,
+        Kind::SvidRotated,
+        Kind::BundleUpdated,
+        Kind::Startup,
+        Kind::Shutdown,
+        Kind::Gap,
+        Kind::Rotated,
+        Kind::EgressRefused,
+    ];
+
+    /// The name the audit line gives it (serde's snake_case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Request => "request",
+            Kind::HandshakeRejected => "handshake_rejected",
+            Kind::PolicyLoaded => "policy_loaded",
+            Kind::PolicyRejected => "policy_rejected",
+            Kind::SvidRotated => "svid_rotated",
+            Kind::BundleUpdated => "bundle_updated",
+            Kind::Startup => "startup",
+            Kind::Shutdown => "shutdown",
+            Kind::Gap => "gap",
+            Kind::Rotated => "rotated",
+            Kind::EgressRefused => "egress_refused",
+        }
+    }
 }
 
 /// Set on events about traffic the sidecar originates (`[outbound]`);

@@ -155,50 +155,21 @@ pub struct Prepared {
 
 impl Prepared {
     pub fn new(mut event: Event) -> Prepared {
-        // Omitted by serde when unset; the writer splices in the real ones.
+        // Omitted when unset; the writer splices in the real ones.
         event.seq = 0;
         event.prev.clear();
-        let ts_end = r#"{"ts":"#.len() + json_len(&event.ts);
         // Sized for a request event, so it is written without regrowing.
         let mut json = Vec::with_capacity(1024);
-        // Kept as bytes: serde_json writes UTF-8 only, and the writer
-        // needs bytes, so checking them again would be wasted work.
-        let json = match serde_json::to_writer(&mut json, &event) {
-            Ok(()) => Ok(json),
-            Err(e) => Err(e.to_string()),
-        };
-        let json = json.unwrap_or_else(|e| {
-            // Serialising plain strings and numbers cannot fail; if it ever
-            // did, the line still records that an event existed.
-            format!(
-                r#"{{"ts":{},"kind":"serialization_error","detail":{}}}"#,
-                serde_json::Value::from(event.ts.as_str()),
-                serde_json::Value::from(e),
-            )
-            .into_bytes()
-        });
+        let ts_end = super::json::write_event(&event, &mut json);
+        debug_assert_eq!(
+            String::from_utf8_lossy(&json),
+            serde_json::to_string(&event).unwrap_or_default(),
+            "the hand-written line differs from serde_json's"
+        );
         Prepared {
             kind: event.kind,
             json,
             ts_end,
         }
     }
-}
-
-/// The length of `s` as a JSON string, quotes and escapes included.
-fn json_len(s: &str) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing a string to a sink that never fails cannot fail.
-    let _ = serde_json::to_writer(&mut count, s);
-    count.0
 }
