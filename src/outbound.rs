@@ -192,7 +192,7 @@ async fn handle_request(
     // One wall-clock read for the audit timestamp and the policy's `time`,
     // as on the inbound side.
     let arrived = SystemTime::now();
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::proxy::new_request_id();
     let identity = out.identity.load_full();
     let policy = out.policy.load_full();
     let method = req.method().as_str().to_owned();

@@ -535,7 +535,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     let started = Instant::now();
     // One wall-clock read for the audit timestamp and the policy's `time`.
     let arrived = SystemTime::now();
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = new_request_id();
     let policy = shared.policy.load_full();
     let method = req.method().as_str().to_owned();
     let raw_target = req
@@ -832,12 +832,20 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             parts.headers.insert(header::HOST, v);
         }
     }
-    let target = match &query {
-        Some(q) => format!("{path}?{q}"),
-        None => path,
+    // Origin-form: the connection already names the service. When
+    // normalising left the path as it came (nearly always), that is the
+    // caller's own path and query, already parsed.
+    let unchanged = parts
+        .uri
+        .path_and_query()
+        .filter(|pq| pq.path() == path)
+        .cloned();
+    let target = match (unchanged, &query) {
+        (Some(pq), _) => Ok(Uri::from(pq)),
+        (None, Some(q)) => Uri::try_from(format!("{path}?{q}")),
+        (None, None) => Uri::try_from(path),
     };
-    // Origin-form: the connection already names the service.
-    parts.uri = match Uri::try_from(target) {
+    parts.uri = match target {
         Ok(uri) => uri,
         Err(e) => {
             let reason = format!("cannot forward the request target: {e}");
@@ -974,6 +982,16 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// The caller's verified identity (see [`IdentityHeaders`]), the request
 /// id and the scheme, replacing whatever the caller sent under these names.
+/// A random (v4) UUID in its hyphenated form, written without going
+/// through `Display`.
+pub(crate) fn new_request_id() -> String {
+    let mut buf = uuid::Uuid::encode_buffer();
+    uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
+}
+
 fn set_identity_headers(headers: &mut HeaderMap, ctx: &ConnCtx, request_id: &str) {
     headers.insert(XFCC, ctx.identity_headers.xfcc.clone());
     headers.insert(X_SPIFFE_ID, ctx.identity_headers.spiffe_id.clone());
