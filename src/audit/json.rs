@@ -17,58 +17,58 @@ use super::{Decision, Destination, Direction, Event, Request, Response, Source, 
 /// of `out` once `ts`, the first field, is written.
 pub fn write_event(event: &Event, out: &mut Vec<u8>) -> usize {
     let mut o = Object::begin(out);
-    o.str("ts", &event.ts);
+    o.str(key!("ts"), &event.ts);
     let ts_end = o.out.len();
     if event.seq != 0 {
-        o.u64("seq", event.seq);
+        o.u64(key!("seq"), event.seq);
     }
-    o.key("kind");
+    o.key(key!("kind"));
     string(o.out, event.kind.as_str());
-    o.opt_str("request_id", &event.request_id);
+    o.opt_str(key!("request_id"), &event.request_id);
     if let Some(Direction::Outbound) = event.direction {
-        o.str("direction", "outbound");
+        o.str(key!("direction"), "outbound");
     }
     if let Some(source) = &event.source {
-        o.key("source");
+        o.key(key!("source"));
         write_source(source, o.out);
     }
     if let Some(destination) = &event.destination {
-        o.key("destination");
+        o.key(key!("destination"));
         write_destination(destination, o.out);
     }
     if let Some(request) = &event.request {
-        o.key("request");
+        o.key(key!("request"));
         write_request(request, o.out);
     }
     if let Some(decision) = &event.decision {
-        o.key("decision");
+        o.key(key!("decision"));
         write_decision(decision, o.out);
     }
     if let Some(Response { status }) = &event.response {
-        o.key("response");
+        o.key(key!("response"));
         let mut r = Object::begin(o.out);
-        r.u64("status", u64::from(*status));
+        r.u64(key!("status"), u64::from(*status));
         r.end();
     }
     if let Some(us) = event.duration_us {
-        o.u64("duration_us", us);
+        o.u64(key!("duration_us"), us);
     }
-    o.opt_str("version", &event.version);
-    o.opt_str("config_revision", &event.config_revision);
-    o.opt_str("policy_revision", &event.policy_revision);
+    o.opt_str(key!("version"), &event.version);
+    o.opt_str(key!("config_revision"), &event.config_revision);
+    o.opt_str(key!("policy_revision"), &event.policy_revision);
     if let Some(svid) = &event.svid {
-        o.key("svid");
+        o.key(key!("svid"));
         write_svid(svid, o.out);
     }
     if let Some(n) = event.lost {
-        o.u64("lost", n);
+        o.u64(key!("lost"), n);
     }
     if let Some(n) = event.refused {
-        o.u64("refused", n);
+        o.u64(key!("refused"), n);
     }
-    o.opt_str("detail", &event.detail);
+    o.opt_str(key!("detail"), &event.detail);
     if !event.prev.is_empty() {
-        o.str("prev", &event.prev);
+        o.str(key!("prev"), &event.prev);
     }
     o.end();
     ts_end
@@ -76,26 +76,26 @@ pub fn write_event(event: &Event, out: &mut Vec<u8>) -> usize {
 
 fn write_source(s: &Source, out: &mut Vec<u8>) {
     let mut o = Object::begin(out);
-    o.opt_str("spiffe_id", &s.spiffe_id);
-    o.str("address", &s.address);
+    o.opt_str(key!("spiffe_id"), &s.spiffe_id);
+    o.str(key!("address"), &s.address);
     o.end();
 }
 
 fn write_destination(d: &Destination, out: &mut Vec<u8>) {
     let mut o = Object::begin(out);
-    o.str("host", &d.host);
-    o.str("address", &d.address);
-    o.opt_str("spiffe_id", &d.spiffe_id);
-    o.str("expected", &d.expected);
+    o.str(key!("host"), &d.host);
+    o.str(key!("address"), &d.address);
+    o.opt_str(key!("spiffe_id"), &d.spiffe_id);
+    o.str(key!("expected"), &d.expected);
     o.end();
 }
 
 fn write_request(r: &Request, out: &mut Vec<u8>) {
     let mut o = Object::begin(out);
-    o.str("method", &r.method);
-    o.str("path", &r.path);
+    o.str(key!("method"), &r.method);
+    o.str(key!("path"), &r.path);
     if let Some(headers) = &r.headers {
-        o.key("headers");
+        o.key(key!("headers"));
         write_map(headers, o.out);
     }
     o.end();
@@ -114,28 +114,36 @@ fn write_map(map: &BTreeMap<String, String>, out: &mut Vec<u8>) {
 
 fn write_decision(d: &Decision, out: &mut Vec<u8>) {
     let mut o = Object::begin(out);
-    o.bool("allowed", d.allowed);
-    o.str("reason", &d.reason);
-    o.str("policy_revision", &d.policy_revision);
+    o.bool(key!("allowed"), d.allowed);
+    o.str(key!("reason"), &d.reason);
+    o.str(key!("policy_revision"), &d.policy_revision);
     if d.dry_run {
-        o.bool("dry_run", true);
+        o.bool(key!("dry_run"), true);
     }
     if d.cached {
-        o.bool("cached", true);
+        o.bool(key!("cached"), true);
     }
     o.end();
 }
 
 fn write_svid(s: &Svid, out: &mut Vec<u8>) {
     let mut o = Object::begin(out);
-    o.str("spiffe_id", &s.spiffe_id);
-    o.str("not_after", &s.not_after);
-    o.str("sha256", &s.sha256);
+    o.str(key!("spiffe_id"), &s.spiffe_id);
+    o.str(key!("not_after"), &s.not_after);
+    o.str(key!("sha256"), &s.sha256);
     o.end();
 }
 
-/// An object being written: braces, commas, and keys (all plain ASCII
-/// here, so written without escaping).
+/// A key as written: quoted, with its colon (all keys here are plain
+/// ASCII, so there is nothing to escape), in one piece to copy.
+macro_rules! key {
+    ($name:literal) => {
+        concat!("\"", $name, "\":")
+    };
+}
+use key;
+
+/// An object being written: braces, commas, and keys.
 struct Object<'a> {
     out: &'a mut Vec<u8>,
     empty: bool,
@@ -154,11 +162,10 @@ impl<'a> Object<'a> {
         self.empty = false;
     }
 
+    /// `key` as [`key!`] makes it.
     fn key(&mut self, key: &str) {
         self.comma();
-        self.out.push(b'"');
         self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
     }
 
     fn str(&mut self, key: &str, value: &str) {
