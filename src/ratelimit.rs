@@ -105,10 +105,17 @@ impl RateLimiter {
     }
 
     pub fn check(&self, spiffe_id: &str, path: &str) -> Verdict {
-        self.check_at(spiffe_id, path, Instant::now())
+        // The clock is read only when a rate applies: with none configured
+        // (the default) every request would pay for a read it never uses.
+        self.decide(spiffe_id, path, Instant::now)
     }
 
+    #[cfg(test)]
     fn check_at(&self, spiffe_id: &str, path: &str, now: Instant) -> Verdict {
+        self.decide(spiffe_id, path, || now)
+    }
+
+    fn decide(&self, spiffe_id: &str, path: &str, now: impl FnOnce() -> Instant) -> Verdict {
         let rule = self.overrides.iter().position(|(o, _)| {
             o.spiffe_id.as_deref().is_none_or(|id| id == spiffe_id)
                 && o.path_prefix
@@ -123,6 +130,7 @@ impl RateLimiter {
         let Some(rate) = rate else {
             return Verdict::Allowed;
         };
+        let now = now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let key = (spiffe_id.to_owned(), slot);
         if !buckets.contains_key(&key) && buckets.len() >= self.max_tracked {
