@@ -72,7 +72,8 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    #[cfg(test)]
+    pub(crate) const ALL: [Kind; 11] = [
         Kind::Request,
         Kind::HandshakeRejected,
         Kind::PolicyLoaded,

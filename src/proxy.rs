@@ -834,11 +834,13 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     }
     // Origin-form: the connection already names the service. When
     // normalising left the path as it came (nearly always), that is the
-    // caller's own path and query, already parsed.
+    // caller's own path and query, already parsed. Not when the caller
+    // sent none (`GET http://host?q`): `path()` then says "/" for a target
+    // that is only "?q".
     let unchanged = parts
         .uri
         .path_and_query()
-        .filter(|pq| pq.path() == path)
+        .filter(|pq| pq.as_str().starts_with('/') && pq.path() == path)
         .cloned();
     let target = match (unchanged, &query) {
         (Some(pq), _) => Ok(Uri::from(pq)),
@@ -980,8 +982,6 @@ fn is_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// The caller's verified identity (see [`IdentityHeaders`]), the request
-/// id and the scheme, replacing whatever the caller sent under these names.
 /// A random (v4) UUID in its hyphenated form, written without going
 /// through `Display`.
 pub(crate) fn new_request_id() -> String {
@@ -992,6 +992,8 @@ pub(crate) fn new_request_id() -> String {
         .to_owned()
 }
 
+/// The caller's verified identity (see [`IdentityHeaders`]), the request
+/// id and the scheme, replacing whatever the caller sent under these names.
 fn set_identity_headers(headers: &mut HeaderMap, ctx: &ConnCtx, request_id: &str) {
     headers.insert(XFCC, ctx.identity_headers.xfcc.clone());
     headers.insert(X_SPIFFE_ID, ctx.identity_headers.spiffe_id.clone());

@@ -188,13 +188,23 @@ async fn unsafe_paths_are_refused_before_policy_and_safe_ones_normalised() {
     assert_eq!(reply.status, 403);
     assert!(h.service.received().is_empty());
     let reply = h
-        .call(reporting, "GET", "//v1/reports/./daily", &[])
+        .call(reporting.clone(), "GET", "//v1/reports/./daily", &[])
         .await
         .unwrap();
     assert_eq!(reply.status, 200);
     assert_eq!(h.service.received()[0].uri, "/v1/reports/daily");
+    // The query goes with the normalised path, not with the path as sent.
+    let reply = h
+        .call(reporting, "GET", "/v1//reports/daily?date=2026-11-25", &[])
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        h.service.received()[1].uri,
+        "/v1/reports/daily?date=2026-11-25"
+    );
     let events = h.stop().await;
-    assert_eq!(requests(&events).len(), 5);
+    assert_eq!(requests(&events).len(), 6);
 }
 
 #[tokio::test]

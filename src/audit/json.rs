@@ -1,8 +1,9 @@
 //! An event's JSON, written by hand rather than by serde_json.
 //!
 //! A request's line is mostly strings, and serde_json escapes a string one
-//! byte at a time: under callgrind that was the worker's largest single
-//! cost per request after the kernel, more than all of its HTTP parsing.
+//! byte at a time: under callgrind that was the largest single cost of a
+//! request in the sidecar's own code (docs/performance.md, "Seventh
+//! round").
 //! Here a string is checked for bytes that need escaping in one pass the
 //! compiler vectorises, and copied whole when there are none (nearly
 //! always). The output is byte for byte what serde's derive writes
