@@ -12,6 +12,7 @@
 #
 #   scripts/callgrind.sh                      # target/release/portcullis
 #   scripts/callgrind.sh /tmp/portcullis-old  # another build
+#   PORTCULLIS_CALLGRIND_TARGET=portcullis-uncached scripts/callgrind.sh
 #
 # Prints instructions per request with and without SHA-256 (valgrind
 # hides the SHA extensions, so the audit chain's hash runs in software
@@ -49,7 +50,7 @@ EOF
 chmod +x "$wrapper"
 
 PORTCULLIS_BENCH_WRAP=$PWD/$wrapper cargo bench --bench proxy -- \
-    --modes keep-alive --idle 0 --rounds 1 --seconds 30 --only portcullis \
+    --modes keep-alive --idle 0 --rounds 1 --seconds 30 --only "${PORTCULLIS_CALLGRIND_TARGET:-portcullis}" \
     --out "$out/bench.md" > "$out/bench.log" 2>&1 &
 bench=$!
 
