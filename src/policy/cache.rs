@@ -281,8 +281,7 @@ impl DecisionCache {
                 }
                 Field::ParsedPath if depth == path.len() => {
                     key.extend_from_slice(b"V[");
-                    let count = facts.path.split('/').filter(|s| !s.is_empty()).count();
-                    push_len(&mut key, count);
+                    push_len(&mut key, input::raw_path_segments(facts.path).count());
                     for segment in input::path_segments(facts.path) {
                         key.push(b's');
                         push_str(&mut key, &segment);

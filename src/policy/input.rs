@@ -335,9 +335,12 @@ fn parsed_path(path: &str) -> Value {
 
 /// The strings of `input.parsed_path`: the non-empty segments, decoded.
 pub fn path_segments(path: &str) -> impl Iterator<Item = Cow<'_, str>> {
-    path.split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+    raw_path_segments(path).map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+}
+
+/// The segments [`path_segments`] decodes, as they are in the path.
+pub fn raw_path_segments(path: &str) -> impl Iterator<Item = &str> {
+    path.split('/').filter(|s| !s.is_empty())
 }
 
 /// `name -> [values...]` with form-urlencoded decoding (`+` is a space),
