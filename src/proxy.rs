@@ -547,7 +547,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     let mut event = Event::at(Kind::Request, arrived);
     event.request_id = Some(request_id.clone());
     event.source = Some(audit::Source {
-        spiffe_id: Some(ctx.peer.spiffe_id.to_string()),
+        spiffe_id: Some(ctx.peer.spiffe_id.as_str().to_owned()),
         address: ctx.peer_addr_text.clone(),
     });
     event.request = Some(audit::Request {
@@ -639,7 +639,13 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         return finish(record, "deny", false, reason, resp);
     }
     let query = req.uri().query().map(str::to_owned);
-    if let Some(r) = record.event.request.as_mut() {
+    // Whether the target to forward and audit differs from the one that
+    // came. Not only when the path changed: a target that is only a query
+    // (`?q`, which HTTP/2 might carry) reports its path as "/" and must be
+    // rebuilt as "/?q".
+    let normalised = !(raw_target.starts_with('/') && req.uri().path() == path);
+    // The event already holds the target as it came, redacted.
+    if let Some(r) = record.event.request.as_mut().filter(|_| normalised) {
         let target = match &query {
             Some(q) => format!("{path}?{q}"),
             None => path.clone(),
@@ -834,14 +840,8 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     }
     // Origin-form: the connection already names the service. When
     // normalising left the path as it came (nearly always), that is the
-    // caller's own path and query, already parsed. Not when the caller
-    // sent none (`GET http://host?q`): `path()` then says "/" for a target
-    // that is only "?q".
-    let unchanged = parts
-        .uri
-        .path_and_query()
-        .filter(|pq| pq.as_str().starts_with('/') && pq.path() == path)
-        .cloned();
+    // caller's own path and query, already parsed.
+    let unchanged = parts.uri.path_and_query().filter(|_| !normalised).cloned();
     let target = match (unchanged, &query) {
         (Some(pq), _) => Ok(Uri::from(pq)),
         (None, Some(q)) => Uri::try_from(format!("{path}?{q}")),

@@ -204,7 +204,18 @@ async fn unsafe_paths_are_refused_before_policy_and_safe_ones_normalised() {
         "/v1/reports/daily?date=2026-11-25"
     );
     let events = h.stop().await;
-    assert_eq!(requests(&events).len(), 6);
+    let requests = requests(&events);
+    assert_eq!(requests.len(), 6);
+    // The audit trail names the target that was authorized and forwarded.
+    let paths: Vec<&str> = requests
+        .iter()
+        .filter(|e| e["response"]["status"] == 200)
+        .filter_map(|e| e["request"]["path"].as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/v1/reports/daily", "/v1/reports/daily?date=2026-11-25"]
+    );
 }
 
 #[tokio::test]
