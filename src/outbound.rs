@@ -203,7 +203,7 @@ async fn handle_request(
     event.request_id = Some(request_id.clone());
     event.direction = Some(audit::Direction::Outbound);
     event.source = Some(audit::Source {
-        spiffe_id: Some(identity.spiffe_id.to_string()),
+        spiffe_id: Some(identity.spiffe_id.as_str().to_owned()),
         address: peer.to_string(),
     });
     event.destination = route.map(|r| audit::Destination {
@@ -414,7 +414,7 @@ async fn handle_request(
             let (mut parts, body) = resp.into_parts();
             if let Some(ServerPeer(server)) = parts.extensions.get::<ServerPeer>() {
                 if let Some(d) = record.event.destination.as_mut() {
-                    d.spiffe_id = Some(server.spiffe_id.to_string());
+                    d.spiffe_id = Some(server.spiffe_id.as_str().to_owned());
                 }
             }
             proxy::strip_hop_by_hop(&mut parts.headers);
