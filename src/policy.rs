@@ -253,11 +253,11 @@ impl PolicySnapshot {
             Some(_) => None,
         };
         match key {
-            Some(key) => self.decide(Some(key), || input::build_input(facts)),
+            Some(key) => self.decide(Some(key), || self.decision_cache.document(facts)),
             // A body, caching off, or a read only the whole document can
             // answer: `evaluate` keys (or not) from the document.
             None => {
-                let mut document = input::build_input(facts);
+                let mut document = self.decision_cache.document(facts);
                 if let Some(body) = body {
                     input::add_body(&mut document, body.kind, body.complete, body.truncated);
                 }

@@ -131,6 +131,10 @@ pub struct Analysis {
     pub reads: Vec<Path>,
     /// Why decisions cannot be cached; `None` when they can.
     pub disabled: Option<String>,
+    /// `reads` covers every read of the input. False when a module has a
+    /// template string, whose reads the scan cannot see; caching is off
+    /// then, and the policy is shown the whole document.
+    pub reads_complete: bool,
 }
 
 /// The decision cache of one policy snapshot. A reload builds a new
@@ -184,6 +188,19 @@ impl DecisionCache {
     /// a new capacity does not need a new scan).
     pub fn analysis(&self) -> &Analysis {
         &self.analysis
+    }
+
+    /// The input document for `facts` as the policy is shown it on the
+    /// request path: only the fields it reads when the scan accounts for
+    /// every read and each read is of a field [`input::locate`] finds,
+    /// else the whole document. Built per evaluation, whether or not
+    /// caching is on: the scan is the same either way.
+    pub fn document(&self, facts: &RequestFacts) -> Value {
+        self.analysis
+            .reads_complete
+            .then(|| input::build_fields(facts, &self.lookups))
+            .flatten()
+            .unwrap_or_else(|| input::build_input(facts))
     }
 
     /// Why caching is on or off, for people.
@@ -486,11 +503,13 @@ fn is_ident(s: &str) -> bool {
 pub fn analyze<'a>(modules: impl IntoIterator<Item = (&'a str, &'a str)>) -> Analysis {
     let mut reads: Vec<(Path, String)> = Vec::new();
     let mut disabled: Option<String> = None;
+    let mut reads_complete = true;
     for (name, text) in modules {
         let tokens = tokenize(text);
+        let template = template_string(name, &tokens);
+        reads_complete &= template.is_none();
         if disabled.is_none() {
-            disabled =
-                non_deterministic(name, text, &tokens).or_else(|| template_string(name, &tokens));
+            disabled = non_deterministic(name, text, &tokens).or(template);
         }
         for (path, line) in input_reads(&tokens) {
             reads.push((path, format!("{name}:{line}")));
@@ -515,6 +534,7 @@ pub fn analyze<'a>(modules: impl IntoIterator<Item = (&'a str, &'a str)>) -> Ana
     Analysis {
         reads: minimal,
         disabled,
+        reads_complete,
     }
 }
 
@@ -985,6 +1005,7 @@ mod tests {
             Analysis {
                 reads,
                 disabled: None,
+                reads_complete: true,
             },
             100,
         )
@@ -1058,6 +1079,7 @@ mod tests {
             Analysis {
                 reads: vec![],
                 disabled: Some("because".into()),
+                reads_complete: true,
             },
             10,
         );
@@ -1068,6 +1090,7 @@ mod tests {
             Analysis {
                 reads: vec![],
                 disabled: None,
+                reads_complete: true,
             },
             0,
         );
@@ -1085,6 +1108,7 @@ mod tests {
                 Analysis {
                     reads: vec![],
                     disabled: None,
+                    reads_complete: true,
                 },
                 capacity,
             );
@@ -1183,6 +1207,7 @@ mod tests {
                     Analysis {
                         reads: vec![path.clone()],
                         disabled: None,
+                        reads_complete: true,
                     },
                     10,
                 );
@@ -1209,6 +1234,115 @@ mod tests {
         assert!(c.key_for(&facts).is_some());
     }
 
+    /// The document cut down to the policy's reads has, at each read path,
+    /// exactly what the whole document has there, for reads alone and in
+    /// pairs (which share parent objects); the fields it leaves out are gone.
+    #[test]
+    fn the_document_cut_to_the_reads_agrees_with_the_whole_at_every_read() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+        headers.append("x-a", http::HeaderValue::from_static("1"));
+        headers.append("x-a", http::HeaderValue::from_static("2"));
+        let empty = http::HeaderMap::new();
+        let requests = [
+            ("GET", "/v1/payments/42", Some("a=1&a=2&b"), &headers),
+            ("POST", "/v1/a%20b/", Some(""), &empty),
+            ("BREW", "/", None, &headers),
+        ];
+        let cache_of = |reads: Vec<Path>| {
+            DecisionCache::new(
+                Analysis {
+                    reads,
+                    disabled: None,
+                    reads_complete: true,
+                },
+                0,
+            )
+        };
+        let mut cut = 0;
+        for (method, path, query, headers) in requests {
+            let facts = request(method, path, query, headers);
+            let whole = input::build_input(&facts);
+            let mut paths = Vec::new();
+            paths_through(&whole, &mut vec!["input".to_owned()], &mut paths);
+            let pairs = paths.iter().flat_map(|a| {
+                paths
+                    .iter()
+                    .filter(move |b| !b.starts_with(a) && !a.starts_with(b))
+                    .map(move |b| vec![a.clone(), b.clone()])
+            });
+            let sets = paths.iter().map(|p| vec![p.clone()]).chain(pairs);
+            for reads in sets {
+                let c = cache_of(reads);
+                let document = c.document(&facts);
+                if document == whole {
+                    continue;
+                }
+                cut += 1;
+                for (path, lookup) in c.analysis.reads.iter().zip(&c.lookups) {
+                    let (mut a, mut b) = (Vec::new(), Vec::new());
+                    encode_at(&document, lookup, 0, &mut a);
+                    encode_at(&whole, lookup, 0, &mut b);
+                    assert_eq!(a, b, "{} in {document}", display_path(path));
+                }
+            }
+        }
+        assert!(cut > 1000, "only {cut} documents were cut down");
+
+        // The shipped policy's document: what it reads, not the rest.
+        let shipped = analyze([("authz.rego", include_str!("../../policies/authz.rego"))]);
+        let c = DecisionCache::new(shipped, 0);
+        let facts = request("GET", "/v1/payments/42", Some("a=1"), &headers);
+        let document = c.document(&facts);
+        let at = |doc: &Value, path: &[&str]| {
+            let lookup: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
+            let mut out = Vec::new();
+            encode_at(doc, &lookup, 0, &mut out);
+            out.first() == Some(&b'V')
+        };
+        for read in [
+            &["attributes", "request", "http", "headers"][..],
+            &["attributes", "request", "http", "path"],
+            &["attributes", "source", "principal"],
+            &["parsed_path"],
+            &["source", "trust_domain"],
+        ] {
+            assert!(at(&document, read), "{read:?} missing from {document}");
+        }
+        for left_out in [
+            &["attributes", "request", "time"][..],
+            &["attributes", "request", "http", "id"],
+            &["attributes", "source", "address"],
+            &["parsed_query"],
+        ] {
+            assert!(at(&input::build_input(&facts), left_out));
+            assert!(!at(&document, left_out), "{left_out:?} in {document}");
+        }
+    }
+
+    /// Where the scan cannot see every read, or a read is of something
+    /// `input::locate` does not find, the policy gets the whole document.
+    #[test]
+    fn the_whole_document_when_the_reads_are_not_all_known() {
+        let headers = http::HeaderMap::new();
+        let facts = request("GET", "/v1/payments/42", None, &headers);
+        let whole = input::build_input(&facts);
+        let template =
+            "package t\nimport rego.v1\nx := $\"{input.a}\"\nallow if input.parsed_path\n";
+        let a = analyze([("t.rego", template)]);
+        assert!(!a.reads_complete);
+        assert_eq!(DecisionCache::new(a, 10).document(&facts), whole);
+        for text in [
+            "package t\nimport rego.v1\nallow if input.attributes.request\n",
+            "package t\nimport rego.v1\nallow if input.attributes.request.time\n",
+            "package t\nimport rego.v1\nallow if count(input) > 0\n",
+        ] {
+            let a = analyze([("t.rego", text)]);
+            assert!(a.reads_complete);
+            assert_eq!(DecisionCache::new(a, 10).document(&facts), whole, "{text}");
+        }
+    }
+
     // === through a snapshot ===
 
     fn snapshot(files: &[(&str, &str)]) -> (PolicySnapshot, tempfile::TempDir) {
@@ -1219,6 +1353,70 @@ mod tests {
         let snap =
             PolicySnapshot::load(dir.path(), "data.t.allow", Duration::from_secs(1)).unwrap();
         (snap, dir)
+    }
+
+    /// The shipped policy decides every request the same on the cut-down
+    /// document as on the whole one: allowed, denied, and for the reason.
+    #[test]
+    fn the_shipped_policy_decides_alike_on_the_cut_document() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let snap =
+            PolicySnapshot::load(&dir, "data.portcullis.authz.allow", Duration::from_secs(5))
+                .unwrap()
+                .with_decision_cache(0);
+        let mut with_key = http::HeaderMap::new();
+        with_key.insert("idempotency-key", http::HeaderValue::from_static("k-1"));
+        let mut blank_key = http::HeaderMap::new();
+        blank_key.insert("idempotency-key", http::HeaderValue::from_static(""));
+        let none = http::HeaderMap::new();
+        let callers = [
+            ("spiffe://pay.example/ns/shop/sa/checkout", "pay.example"),
+            ("spiffe://pay.example/ns/support/sa/refunds", "pay.example"),
+            (
+                "spiffe://pay.example/ns/finance/sa/reporting",
+                "pay.example",
+            ),
+            ("spiffe://pay.example/ns/shop/sa/frontend", "pay.example"),
+            (
+                "spiffe://other.example/ns/shop/sa/checkout",
+                "other.example",
+            ),
+        ];
+        let paths = [
+            "/v1/payments",
+            "/v1/payments/pay_1",
+            "/v1/payments/pay_1/refunds",
+            "/v1/reports/2026/11",
+            "/healthz",
+            "/",
+        ];
+        let (mut allowed, mut denied) = (0, 0);
+        for (principal, trust_domain) in callers {
+            for method in ["GET", "POST"] {
+                for path in paths {
+                    for headers in [&with_key, &blank_key, &none] {
+                        let facts = RequestFacts {
+                            source_spiffe_id: principal,
+                            source_trust_domain: trust_domain,
+                            ..request(method, path, Some("q=1"), headers)
+                        };
+                        let cut = snap.evaluate_request(&facts, None).unwrap();
+                        let whole = snap.evaluate(input::build_input(&facts)).unwrap();
+                        assert_eq!(cut, whole, "{principal} {method} {path} {headers:?}");
+                        assert_eq!(cut.reason, whole.reason);
+                        if cut.allowed {
+                            allowed += 1;
+                        } else {
+                            denied += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            allowed >= 10 && denied >= 100,
+            "{allowed} allowed, {denied} denied"
+        );
     }
 
     #[test]
