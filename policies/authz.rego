@@ -70,10 +70,14 @@ matching_grants contains grant if {
 	path_matches(split(trim_prefix(grant.path, "/"), "/"), input.parsed_path)
 }
 
+# A segment matches when the pattern's is `*` or the same string. Written as
+# set membership, not as a helper function: the RVM's function calls cost
+# more than the comparison they wrap, and with one an uncached decision took
+# 20% more instructions (docs/performance.md).
 path_matches(pattern, segments) if {
 	count(pattern) == count(segments)
 	every i, p in pattern {
-		segment_matches(p, segments[i])
+		p in {"*", segments[i]}
 	}
 }
 
@@ -82,13 +86,9 @@ path_matches(pattern, segments) if {
 	pattern[n] == "**"
 	count(segments) > n
 	every i, p in array.slice(pattern, 0, n) {
-		segment_matches(p, segments[i])
+		p in {"*", segments[i]}
 	}
 }
-
-segment_matches("*", _) := true
-
-segment_matches(p, s) if p == s
 
 missing_headers(grant) := {h |
 	some h in object.get(grant, "require_headers", [])
