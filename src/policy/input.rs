@@ -153,9 +153,9 @@ pub fn locate<'a>(f: &RequestFacts<'a>, path: &[Value]) -> Option<(Field<'a>, us
 ///
 /// A policy shown this document decides as on the whole one, provided
 /// `paths` includes everything it reads: a field it never reads cannot
-/// change its result. The fields left out are the costly ones (the time
-/// in RFC 3339, the peer's address as text, the parsed query), so an
-/// uncached decision builds about half as many objects.
+/// change its result. For the shipped policy the fields left out include
+/// the costliest to make (the time in RFC 3339, the peer's address as
+/// text, the parsed query): 4% of an uncached request's instructions.
 pub fn build_fields(f: &RequestFacts, paths: &[Vec<Value>]) -> Option<Value> {
     let mut root = Value::new_object();
     for path in paths {
