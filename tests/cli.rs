@@ -354,6 +354,22 @@ async fn policy_test_runs_the_shipped_rego_tests() {
     assert!(out.contains("PASS"), "{out}");
 }
 
+/// jemalloc reads the options compiled into main.rs when the process
+/// starts and only warns on stderr about one it does not know: a typo there
+/// would silently drop the tuning.
+#[tokio::test]
+async fn the_allocator_accepts_its_compiled_in_options() {
+    let out = Command::new(BIN)
+        .arg("--version")
+        .env_remove("_RJEM_MALLOC_CONF")
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("<jemalloc>"), "{err}");
+}
+
 #[tokio::test]
 async fn demo_runs_end_to_end() {
     let (ok, out, err) = portcullis(&["demo"]).await;
