@@ -79,8 +79,19 @@ impl HeaderPolicy {
 pub fn redact_pans(text: &str) -> Cow<'_, str> {
     let bytes = text.as_bytes();
     // Most texts (paths, reasons, header values) hold too few digits for a
-    // card number at all: answer those without the scan's buffers.
-    if bytes.iter().filter(|b| b.is_ascii_digit()).count() < MIN_PAN_DIGITS {
+    // card number at all: answer those without the scan's buffers. Counted
+    // without a branch per byte so that the loop vectorises: every request
+    // passes its path, its decision's reason and its logged headers here.
+    let digits: usize = bytes
+        .chunks(255)
+        .map(|chunk| {
+            let n = chunk
+                .iter()
+                .fold(0u8, |n, b| n + u8::from(b.wrapping_sub(b'0') < 10));
+            usize::from(n)
+        })
+        .sum();
+    if digits < MIN_PAN_DIGITS {
         return Cow::Borrowed(text);
     }
     let mut out: Option<String> = None;
@@ -220,6 +231,23 @@ mod tests {
         // The shortest card number, alone in the text: exactly as many
         // digits as the quick check lets through.
         assert_eq!(redact_pans("pan=4222222222222"), "pan=422222***2222");
+    }
+
+    /// The quick digit count goes in chunks of 255 bytes: a card number
+    /// whose digits fall on both sides of a chunk boundary, or a text
+    /// with its digits spread over several chunks, still counts them all.
+    #[test]
+    fn the_digit_count_spans_chunks() {
+        for start in 240..256 {
+            let text = format!("{}4111111111111111{}", "a".repeat(start), "b".repeat(300));
+            let want = format!("{}411111******1111{}", "a".repeat(start), "b".repeat(300));
+            assert_eq!(redact_pans(&text), want, "card at byte {start}");
+        }
+        let spread = format!("{}4111{}111111111111", "x".repeat(250), "-");
+        assert!(redact_pans(&spread).contains("411111******1111"));
+        // 600 digit-free bytes and one digit short of a card: borrowed.
+        let short = format!("{}411111111111", "y".repeat(600));
+        assert!(matches!(redact_pans(&short), Cow::Borrowed(_)));
     }
 
     #[test]
