@@ -406,8 +406,16 @@ fn encode_at(value: &Value, path: &[Value], skipped: usize, out: &mut Vec<u8>) {
     encode_value(at, out);
 }
 
-fn push_len(out: &mut Vec<u8>, n: usize) {
-    out.extend_from_slice(&(n as u64).to_be_bytes());
+/// `n` in LEB128: seven bits a byte, the high bit set on all but the last.
+/// A prefix code, so the key stays unambiguous, and one byte for the
+/// lengths a key is made of instead of eight (a key is hashed and compared
+/// whole on every lookup).
+fn push_len(out: &mut Vec<u8>, mut n: usize) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -1123,6 +1131,49 @@ mod tests {
                     }
                     assert!(c.len() <= capacity);
                 }
+            }
+        }
+    }
+
+    /// Lengths are written so that a reader can always tell where one ends:
+    /// each decodes back to itself, and no encoding is a prefix of another
+    /// (so two keys built from different values cannot run together).
+    #[test]
+    fn lengths_are_a_prefix_code() {
+        fn decode(bytes: &[u8]) -> (usize, usize) {
+            let mut n = 0usize;
+            for (i, b) in bytes.iter().enumerate() {
+                n |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    return (n, i + 1);
+                }
+            }
+            panic!("unterminated length {bytes:?}");
+        }
+        let mut values: Vec<usize> = (0..=1000).collect();
+        for shift in [7, 14, 21, 28, 35, 42, 49, 56, 63] {
+            let p = 1usize << shift;
+            values.extend([p - 1, p, p + 1]);
+        }
+        values.push(usize::MAX);
+        values.sort_unstable();
+        values.dedup();
+        let encoded: Vec<Vec<u8>> = values
+            .iter()
+            .map(|&n| {
+                let mut out = Vec::new();
+                push_len(&mut out, n);
+                out
+            })
+            .collect();
+        for (n, bytes) in values.iter().zip(&encoded) {
+            assert_eq!(decode(bytes), (*n, bytes.len()), "{n}");
+        }
+        assert_eq!(encoded[5], [5]);
+        assert_eq!(encoded[300], [0xac, 0x02]);
+        for (a, x) in encoded.iter().enumerate() {
+            for (b, y) in encoded.iter().enumerate() {
+                assert!(a == b || !y.starts_with(x), "{x:?} is a prefix of {y:?}");
             }
         }
     }
