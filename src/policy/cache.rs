@@ -1453,8 +1453,8 @@ mod tests {
                         };
                         let cut = snap.evaluate_request(&facts, None).unwrap();
                         let whole = snap.evaluate(input::build_input(&facts)).unwrap();
+                        // Decision's equality includes the reason.
                         assert_eq!(cut, whole, "{principal} {method} {path} {headers:?}");
-                        assert_eq!(cut.reason, whole.reason);
                         if cut.allowed {
                             allowed += 1;
                         } else {
