@@ -1004,19 +1004,21 @@ mod tests {
         Value::from_json_str(json).unwrap()
     }
 
+    /// An analysis that found `reads` and nothing that turns caching off.
+    fn known(reads: Vec<Path>) -> Analysis {
+        Analysis {
+            reads,
+            disabled: None,
+            reads_complete: true,
+        }
+    }
+
     fn cache(paths: &[&str]) -> Arc<DecisionCache> {
         let reads = paths
             .iter()
             .map(|p| p.split('.').map(str::to_owned).collect())
             .collect();
-        DecisionCache::new(
-            Analysis {
-                reads,
-                disabled: None,
-                reads_complete: true,
-            },
-            100,
-        )
+        DecisionCache::new(known(reads), 100)
     }
 
     #[test]
@@ -1094,14 +1096,7 @@ mod tests {
         assert!(!off.enabled());
         assert!(off.key(&v("{}")).is_none());
         assert_eq!(off.reason(), "because");
-        let zero = DecisionCache::new(
-            Analysis {
-                reads: vec![],
-                disabled: None,
-                reads_complete: true,
-            },
-            0,
-        );
+        let zero = DecisionCache::new(known(vec![]), 0);
         assert!(!zero.enabled());
         assert!(zero.key(&v("{}")).is_none());
         zero.insert(vec![], &Decision::default());
@@ -1112,14 +1107,7 @@ mod tests {
     #[test]
     fn capacity_bounds_the_entries_and_in_use_entries_survive_turnover() {
         for capacity in [1, 2, 3, 10, 101] {
-            let c = DecisionCache::new(
-                Analysis {
-                    reads: vec![],
-                    disabled: None,
-                    reads_complete: true,
-                },
-                capacity,
-            );
+            let c = DecisionCache::new(known(vec![]), capacity);
             let hot = b"hot".to_vec();
             for i in 0..1000u32 {
                 c.insert(i.to_be_bytes().to_vec(), &Decision::default());
@@ -1176,6 +1164,13 @@ mod tests {
                 assert!(a == b || !y.starts_with(x), "{x:?} is a prefix of {y:?}");
             }
         }
+    }
+
+    /// Every path through an input document, `input` first.
+    fn every_path(document: &Value) -> Vec<Path> {
+        let mut paths = Vec::new();
+        paths_through(document, &mut vec!["input".to_owned()], &mut paths);
+        paths
     }
 
     /// Every path through `value` (prefixes included), one segment past
@@ -1251,17 +1246,9 @@ mod tests {
         for (method, path, query, headers) in requests {
             let facts = request(method, path, query, headers);
             let document = input::build_input(&facts);
-            let mut paths = Vec::new();
-            paths_through(&document, &mut vec!["input".to_owned()], &mut paths);
+            let paths = every_path(&document);
             for path in paths {
-                let c = DecisionCache::new(
-                    Analysis {
-                        reads: vec![path.clone()],
-                        disabled: None,
-                        reads_complete: true,
-                    },
-                    10,
-                );
+                let c = DecisionCache::new(known(vec![path.clone()]), 10);
                 if let Some(k) = c.key_for(&facts) {
                     assert_eq!(k, c.key(&document).unwrap(), "{}", display_path(&path));
                     resolved += 1;
@@ -1300,22 +1287,11 @@ mod tests {
             ("POST", "/v1/a%20b/", Some(""), &empty),
             ("BREW", "/", None, &headers),
         ];
-        let cache_of = |reads: Vec<Path>| {
-            DecisionCache::new(
-                Analysis {
-                    reads,
-                    disabled: None,
-                    reads_complete: true,
-                },
-                0,
-            )
-        };
         let mut cut = 0;
         for (method, path, query, headers) in requests {
             let facts = request(method, path, query, headers);
             let whole = input::build_input(&facts);
-            let mut paths = Vec::new();
-            paths_through(&whole, &mut vec!["input".to_owned()], &mut paths);
+            let paths = every_path(&whole);
             let pairs = paths.iter().flat_map(|a| {
                 paths
                     .iter()
@@ -1324,7 +1300,7 @@ mod tests {
             });
             let sets = paths.iter().map(|p| vec![p.clone()]).chain(pairs);
             for reads in sets {
-                let c = cache_of(reads);
+                let c = DecisionCache::new(known(reads), 0);
                 let document = c.document(&facts);
                 if document == whole {
                     continue;
