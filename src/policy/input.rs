@@ -366,7 +366,15 @@ fn parsed_path(path: &str) -> Value {
 
 /// The strings of `input.parsed_path`: the non-empty segments, decoded.
 pub fn path_segments(path: &str) -> impl Iterator<Item = Cow<'_, str>> {
-    raw_path_segments(path).map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+    raw_path_segments(path).map(|s| {
+        // Nearly every segment has nothing to decode; the decoder would
+        // still check the bytes it returns unchanged for UTF-8 again.
+        if s.as_bytes().contains(&b'%') {
+            percent_encoding::percent_decode_str(s).decode_utf8_lossy()
+        } else {
+            Cow::Borrowed(s)
+        }
+    })
 }
 
 /// The segments [`path_segments`] decodes, as they are in the path.
