@@ -12,7 +12,6 @@
 //! nothing it accepted; `fail_open` serves them, counts every event it
 //! drops, and writes a `gap` event with the count once writing resumes.
 
-mod behind;
 mod chain;
 mod json;
 mod redact;

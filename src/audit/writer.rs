@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::behind::{self, DropBehind};
 use super::chain::Prepared;
 use super::{Chain, Error, Event, Kind, Msg, Options, State, GENESIS};
 use crate::config::{Fsync, OnFull};
@@ -46,7 +45,6 @@ pub(super) enum Output {
         /// a character device).
         regular: bool,
         size: u64,
-        behind: DropBehind,
     },
 }
 
@@ -66,7 +64,6 @@ impl Output {
             path,
             regular: meta.is_file(),
             size: meta.len(),
-            behind: DropBehind::from(meta.len()),
         })
     }
 
@@ -139,14 +136,10 @@ impl Output {
                 file,
                 regular,
                 size,
-                behind,
                 ..
             } => match file.write_all(bytes) {
                 Ok(()) => {
                     *size += bytes.len() as u64;
-                    if *regular {
-                        behind.written(file, *size);
-                    }
                     Ok(())
                 }
                 Err(e) => {
@@ -182,18 +175,12 @@ impl Output {
     /// `path` -> `path.1` -> ... -> `path.keep`, then a fresh `path`.
     fn rotate(&mut self, keep: usize) -> std::io::Result<PathBuf> {
         let Output::File {
-            file,
-            path,
-            size,
-            behind,
-            ..
+            file, path, size, ..
         } = self
         else {
             return Err(std::io::Error::other("stdout is not rotated"));
         };
-        if file.sync_data().is_ok() {
-            behind::drop_file(file);
-        }
+        let _ = file.sync_data();
         let numbered = |k: usize| {
             let mut p = path.clone().into_os_string();
             p.push(format!(".{k}"));
@@ -209,7 +196,6 @@ impl Output {
             other => std::io::Error::other(other.to_string()),
         })?;
         *size = 0;
-        *behind = DropBehind::default();
         Ok(numbered(1))
     }
 }
