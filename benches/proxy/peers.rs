@@ -94,12 +94,13 @@ pub fn haproxy(dir: &Path, certs: &Certs, upstream: SocketAddr, workers: usize) 
     std::fs::write(&pem, both).expect("write server.pem");
     let port = free_port();
     // maxconn: haproxy wants twice as many file descriptors as connections
-    // plus a few, and refuses to start above the process limit (20,000
-    // here); 9,900 still holds the idle-connection mode's 9,000.
+    // plus a few, and refuses to start above the process limit (9,900 at
+    // a 20,000 limit, which still holds the idle mode's 9,000).
+    let maxconn = crate::open_file_limit().map_or(9_900, |limit| limit.saturating_sub(200) / 2);
     let conf = format!(
         r#"global
     nbthread {workers}
-    maxconn 9900
+    maxconn {maxconn}
     tune.ssl.cachesize 20000
 
 defaults
@@ -130,12 +131,16 @@ backend service
         .stderr(std::fs::File::create(dir.join("haproxy.log")).expect("log"))
         .spawn()
         .expect("start haproxy");
-    Target::started(
+    let mut target = Target::started(
         "haproxy",
         child,
         SocketAddr::from(([127, 0, 0, 1], port)),
         1,
-    )
+    )?;
+    // Past maxconn, connections wait in the accept queue until the idle
+    // mode gives up on them.
+    target.max_connections = usize::try_from(maxconn).ok();
+    Some(target)
 }
 
 /// The peer's executable and a fresh directory for its files, or `None`

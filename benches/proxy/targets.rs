@@ -29,6 +29,9 @@ pub struct Target {
     pub procs: ProcTree,
     /// Resident memory once ready, before any load.
     pub idle_rss: u64,
+    /// Connections it was configured to hold at most, where that is
+    /// below what the idle mode opens.
+    pub max_connections: Option<usize>,
     _process: Option<Stopper>,
 }
 
@@ -43,6 +46,7 @@ impl Target {
             tls: false,
             idle_rss: procs.rss(),
             procs,
+            max_connections: None,
             _process: None,
         }
     }
@@ -75,6 +79,7 @@ impl Target {
             tls: true,
             idle_rss: procs.rss(),
             procs,
+            max_connections: None,
             _process: Some(stopper),
         })
     }
