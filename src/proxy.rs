@@ -11,6 +11,8 @@ mod activity;
 mod balance;
 pub mod body;
 pub(crate) mod breaker;
+mod chunked;
+mod exchange;
 mod framing;
 pub mod path;
 pub mod pool;

@@ -368,9 +368,9 @@ async fn hold_idle(options: &Options, target: &Target, index: usize, client: &Cl
     let rss_before = target.procs.rss();
     // A little under a connection limit: a few of its slots may still be
     // held by the connections of the modes before.
-    let n = target
-        .max_connections
-        .map_or(options.idle, |max| options.idle.min(max.saturating_sub(100)));
+    let n = target.max_connections.map_or(options.idle, |max| {
+        options.idle.min(max.saturating_sub(100))
+    });
     let (held, failed) = load::idle_connections(client, n, 64).await;
     // Let the target finish whatever the last requests started.
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,19 +1,16 @@
 //! The upstream connections of one inbound worker: HTTP/1.1 keep-alive
-//! connections to the local service, each carrying one request at a time.
+//! connections to the local service, each carrying one exchange at a time
+//! (`exchange.rs`).
 //!
-//! A connection goes back to the pool when its response body has been read
-//! to the end; one whose body was abandoned is closed instead, since the
-//! rest of that body would still be on the wire. The most recently used
+//! A connection goes back to the pool when its exchange ended cleanly
+//! (both bodies read or written to where their framing said, nothing left
+//! over); one whose response body was abandoned is closed instead, since
+//! the rest of that body would still be on the wire. The most recently used
 //! connection is taken first, so a burst's extra connections go idle and
 //! age out after [`IDLE_TIMEOUT`]. Ageing is checked whenever a connection
 //! is taken rather than by a timer: on a quiet worker an old connection lasts
 //! until the next request (or until the service closes it), and at most
 //! [`MAX_IDLE`] are ever held.
-//!
-//! This replaces hyper-util's general-purpose client on the data path: per
-//! request it hashed a pool key, took its pool lock twice, inserted request
-//! extensions and spawned a task to wait for the connection to be ready
-//! again, for a pool that only ever holds one address.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -24,14 +21,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body::{Body as _, Frame, SizeHint};
+use http_body::{Frame, SizeHint};
 use http_body_util::Limited;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::body::Replay;
+use super::exchange::{self, Conn, Exchange, ExchangeError, Outgoing};
 
 /// What a request to the service carries.
 pub type RequestBody = Limited<Replay>;
@@ -53,21 +49,15 @@ pub enum SendError {
     },
     #[error("connecting to {addr} took longer than {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("HTTP/1.1 handshake with {addr} failed: {source}")]
-    Handshake {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
     /// The request was sent (at least in part) and the exchange failed.
     #[error(transparent)]
-    Http(#[from] hyper::Error),
+    Exchange(#[from] ExchangeError),
 }
 
 impl SendError {
     /// No connection could be made: the service is down, not misbehaving.
     pub fn is_connect(&self) -> bool {
-        !matches!(self, SendError::Http(_))
+        !matches!(self, SendError::Exchange(_))
     }
 }
 
@@ -78,7 +68,7 @@ pub struct Pool {
 }
 
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -98,72 +88,65 @@ impl Pool {
     }
 
     /// Sends `req` (origin-form URI, `Host` set) on an idle connection, or
-    /// a new one. A request an idle connection turns out unable to carry
-    /// (the service closed it meanwhile) is retried on another: it was
-    /// never written, so retrying cannot repeat it.
+    /// a new one. A safe bodiless request whose pooled connection closed
+    /// before any answer is sent once more on a fresh connection: that is
+    /// how a service's idle-timeout close looks when it crosses a request.
     pub async fn send(
         self: &Arc<Self>,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        let mut out = Outgoing::new(req)?;
+        let mut reused = true;
         loop {
-            let (mut sender, reused) = match self.take_idle() {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
-            };
-            if let Err(e) = sender.ready().await {
-                if reused {
-                    continue;
+            let conn = match self.take_idle().filter(|_| reused) {
+                Some(conn) => conn,
+                None => {
+                    reused = false;
+                    self.connect().await?
                 }
-                return Err(SendError::Http(e));
-            }
-            match sender.try_send_request(req).await {
+            };
+            match exchange::send(conn, out).await {
                 Ok(resp) => {
                     let pool = Arc::downgrade(self);
-                    return Ok(resp.map(|body| PooledBody::new(body, pool, sender)));
+                    return Ok(resp.map(|exchange| PooledBody::service(exchange, pool)));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(SendError::Http(e.into_error())),
+                Err(failed) => match failed.retry {
+                    Some(again) if reused => {
+                        tracing::debug!(error = %failed.error, "pooled upstream connection closed under a request; sending it again");
+                        out = again;
+                        reused = false;
+                    }
+                    _ => return Err(failed.error.into()),
                 },
             }
         }
     }
 
-    /// The most recently used connection that can take a request now.
-    /// One that cannot yet (its previous request body is still being sent
-    /// after an early response) stays pooled: waiting on it would hold this
-    /// request behind someone else's upload.
-    fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
+    /// The most recently used connection still fit to carry a request.
+    fn take_idle(&self) -> Option<Conn> {
         let mut idle = lock(&self.idle);
         expire(&mut idle);
-        let mut i = idle.len();
-        while i > 0 {
-            i -= 1;
-            if idle[i].sender.is_closed() {
-                idle.remove(i);
-            } else if idle[i].sender.is_ready() {
-                return idle.remove(i).map(|entry| entry.sender);
+        while let Some(mut entry) = idle.pop_back() {
+            if entry.conn.is_usable() {
+                return Some(entry.conn);
             }
         }
         None
     }
 
-    fn put_back(&self, sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put_back(&self, conn: Conn) {
         // Aged out when the pool is next taken from, which is at least as
         // often as it is given back to: one clock read less per request.
         let mut idle = lock(&self.idle);
         if idle.len() < MAX_IDLE {
             idle.push_back(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, SendError> {
+    async fn connect(&self) -> Result<Conn, SendError> {
         let addr = self.addr;
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -176,17 +159,7 @@ impl Pool {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|source| SendError::Handshake { addr, source })?;
-        // Driven on this worker: the pool belongs to it. The task ends when
-        // the service closes the connection or the last sender is dropped.
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(tcp))
     }
 
     /// Idle connections now (for tests).
@@ -213,28 +186,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A response body from the service that returns its connection to the
-/// pool once read to the end.
-pub struct PooledBody {
-    inner: Incoming,
-    /// Until the body ends or is dropped.
-    conn: Option<(Weak<Pool>, SendRequest<RequestBody>)>,
-    ended: bool,
+/// A response body: from the service, returning its connection to the
+/// pool once the exchange has ended cleanly; or from hyper's client (the
+/// outbound side), passed through.
+pub struct PooledBody(Source);
+
+// The service's variant is the data path, and a body exists only while its
+// response is in flight: boxing it would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    Service {
+        /// Until the exchange ends, fails or is given back.
+        exchange: Option<Exchange>,
+        pool: Weak<Pool>,
+    },
+    Client(Incoming),
 }
 
 impl PooledBody {
-    fn new(inner: Incoming, pool: Weak<Pool>, sender: SendRequest<RequestBody>) -> PooledBody {
-        PooledBody {
-            inner,
-            conn: Some((pool, sender)),
-            ended: false,
-        }
+    fn service(exchange: Exchange, pool: Weak<Pool>) -> PooledBody {
+        let mut body = PooledBody(Source::Service {
+            exchange: Some(exchange),
+            pool,
+        });
+        // A response without a body is over already, and hyper may never
+        // poll a body that says so.
+        body.release_if_done();
+        body
     }
 
-    fn release(&mut self) {
-        if let Some((pool, sender)) = self.conn.take() {
-            if let Some(pool) = pool.upgrade() {
-                pool.put_back(sender);
+    fn release_if_done(&mut self) {
+        if let Source::Service { exchange, pool } = &mut self.0 {
+            if exchange.as_ref().is_some_and(Exchange::is_done) {
+                let conn = exchange.take().and_then(Exchange::into_reusable);
+                if let (Some(conn), Some(pool)) = (conn, pool.upgrade()) {
+                    pool.put_back(conn);
+                }
             }
         }
     }
@@ -242,64 +229,74 @@ impl PooledBody {
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBody")
-            .field("pooled", &self.conn.is_some())
-            .field("ended", &self.ended)
-            .finish_non_exhaustive()
+        match &self.0 {
+            Source::Service { exchange, .. } => f
+                .debug_struct("PooledBody")
+                .field("exchange", exchange)
+                .finish_non_exhaustive(),
+            Source::Client(_) => f.debug_struct("PooledBody").finish_non_exhaustive(),
+        }
     }
 }
 
 impl From<Incoming> for PooledBody {
-    /// A body that has no pooled connection to return.
+    /// A body from hyper's client, with no pooled connection to return.
     fn from(inner: Incoming) -> PooledBody {
-        PooledBody {
-            inner,
-            conn: None,
-            ended: false,
-        }
+        PooledBody(Source::Client(inner))
     }
 }
 
 impl http_body::Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.0 {
+            Source::Client(inner) => {
+                return Pin::new(inner)
+                    .poll_frame(cx)
+                    .map(|frame| frame.map(|f| f.map_err(Into::into)));
+            }
+            Source::Service { exchange: None, .. } => return Poll::Ready(None),
+            Source::Service {
+                exchange: Some(exchange),
+                ..
+            } => Pin::new(exchange).poll_frame(cx),
+        };
         match &polled {
-            Poll::Ready(None) => self.ended = true,
             Poll::Ready(Some(Err(_))) => {
                 // The connection is broken; it must not be reused.
-                self.conn = None;
+                if let Source::Service { exchange, .. } = &mut this.0 {
+                    *exchange = None;
+                }
             }
-            _ => {}
+            // Given back as soon as the last byte is read, before the
+            // caller's next request can want it.
+            Poll::Ready(_) => this.release_if_done(),
+            Poll::Pending => {}
         }
-        if self.ended || self.inner.is_end_stream() {
-            self.ended = true;
-            self.release();
-        }
-        polled
+        polled.map(|frame| frame.map(|f| f.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.0 {
+            Source::Client(inner) => inner.is_end_stream(),
+            Source::Service { exchange, .. } => exchange.as_ref().is_none_or(Exchange::is_done),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // A body with nothing left (no body at all, or read to the end) has
-        // left the connection ready for the next request. Anything else is
-        // closed with the sender: the rest of the body is still on the wire.
-        if self.ended || self.inner.is_end_stream() {
-            self.release();
+        match &self.0 {
+            Source::Client(inner) => inner.size_hint(),
+            Source::Service {
+                exchange: Some(exchange),
+                ..
+            } => exchange.size_hint(),
+            Source::Service { exchange: None, .. } => SizeHint::with_exact(0),
         }
     }
 }
@@ -308,6 +305,7 @@ impl Drop for PooledBody {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -397,28 +395,71 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_connection_still_busy_is_not_handed_out_and_stays_pooled() {
-        // Accepts and never answers: a request sent on it stays in flight.
+    /// Answers the first request on each connection and closes the
+    /// connection when the second arrives, unanswered: a service's idle
+    /// timeout crossing a request.
+    async fn closes_under_the_second_request() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>)
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((tcp, _)) = listener.accept().await {
-                held.push(tcp);
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0; 4096];
+                    let mut read = Vec::new();
+                    for answer in [true, false] {
+                        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tcp.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => read.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        read.clear();
+                        if answer {
+                            let _ = tcp
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                });
             }
         });
+        (addr, accepted)
+    }
+
+    fn with_method(method: http::Method) -> Request<RequestBody> {
+        let mut req = get();
+        *req.method_mut() = method;
+        req
+    }
+
+    #[tokio::test]
+    async fn a_safe_request_is_sent_again_when_its_pooled_connection_closes_under_it_and_a_post_is_not(
+    ) {
+        let (addr, accepted) = closes_under_the_second_request().await;
         let pool = Pool::new(addr, Duration::from_secs(1));
-        let mut busy = pool.connect().await.unwrap();
-        busy.ready().await.unwrap();
-        let in_flight = tokio::spawn(busy.try_send_request(get()));
-        tokio::task::yield_now().await;
-        assert!(!busy.is_ready());
-        pool.put_back(busy);
+        let first = pool.send(get()).await.unwrap().into_body();
+        assert_eq!(first.collect().await.unwrap().to_bytes(), "ok");
         assert_eq!(pool.idle_len(), 1);
-        assert!(pool.take_idle().is_none());
+        // Sent on the pooled connection, which closes unanswered; sent
+        // again on a new one.
+        let again = pool.send(get()).await.unwrap().into_body();
+        assert_eq!(again.collect().await.unwrap().to_bytes(), "ok");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+        // The service may have acted on a POST before closing: never
+        // repeated, the caller gets the error.
         assert_eq!(pool.idle_len(), 1);
-        in_flight.abort();
+        let e = pool
+            .send(with_method(http::Method::POST))
+            .await
+            .unwrap_err();
+        assert!(!e.is_connect(), "{e}");
+        assert!(e.to_string().contains("closed the connection"), "{e}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
