@@ -43,6 +43,19 @@ impl Replay {
             rest: None,
         }
     }
+
+    /// A body of these pieces, all there already.
+    #[cfg(test)]
+    pub fn of(pieces: &[&'static str]) -> Replay {
+        Replay {
+            prefix: pieces
+                .iter()
+                .map(|p| Frame::data(Bytes::from_static(p.as_bytes())))
+                .collect(),
+            prefix_len: pieces.iter().map(|p| p.len() as u64).sum(),
+            rest: None,
+        }
+    }
 }
 
 impl Body for Replay {
