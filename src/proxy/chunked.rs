@@ -281,6 +281,55 @@ mod tests {
         assert_eq!(decoder.decode(&mut buf).unwrap(), Step::NeedMore);
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any body, cut into any chunks, with or without extensions and
+        /// trailers, decodes to itself at any split of the wire, and what
+        /// follows the body is left untouched.
+        #[test]
+        fn encoded_bodies_decode_to_themselves(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 1..300), 0..12),
+            extension in proptest::prelude::any::<bool>(),
+            trailers in 0usize..3,
+            upper in proptest::prelude::any::<bool>(),
+            step in 1usize..64,
+        ) {
+            let mut wire = Vec::new();
+            for chunk in &chunks {
+                let size = if upper { format!("{:X}", chunk.len()) } else { format!("{:x}", chunk.len()) };
+                wire.extend_from_slice(size.as_bytes());
+                if extension {
+                    wire.extend_from_slice(b";name=\"a b\"");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b"0\r\n");
+            for i in 0..trailers {
+                wire.extend_from_slice(format!("x-t{i}: v\r\n").as_bytes());
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            let (body, rest) = decode_all(&wire, step).unwrap();
+            proptest::prop_assert_eq!(body, chunks.concat());
+            proptest::prop_assert_eq!(rest, b"NEXT".to_vec());
+        }
+
+        /// Arbitrary bytes end in data, an error or a wait for more, and
+        /// never yield more data than they hold.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut decoder = Decoder::default();
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut data = 0;
+            while let Ok(Step::Data(d)) = decoder.decode(&mut buf) {
+                data += d.len();
+            }
+            proptest::prop_assert!(data <= bytes.len());
+        }
+    }
+
     #[test]
     fn size_lines_and_trailers_are_bounded() {
         let mut long_ext = b"5;".to_vec();

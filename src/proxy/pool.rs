@@ -98,7 +98,10 @@ impl Pool {
         let mut out = Outgoing::new(req)?;
         let mut reused = true;
         loop {
-            let conn = match self.take_idle().filter(|_| reused) {
+            // A resend goes on a new connection: an idle one could be as
+            // stale as the last.
+            let idle = if reused { self.take_idle() } else { None };
+            let conn = match idle {
                 Some(conn) => conn,
                 None => {
                     reused = false;
