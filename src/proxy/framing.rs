@@ -5,14 +5,12 @@
 //! header bytes; what it accepts but a proxy must not pass on is checked
 //! here. Each refusal is a 400 and never reaches the upstream.
 
-use http::{header, Method, Request, Version};
+use http::{header, HeaderMap, Method, Request, Version};
 
-/// Why a request was refused; the text goes into the 400 body.
-pub fn check<B>(req: &Request<B>) -> Result<(), &'static str> {
-    let h = req.headers();
-    if req.method() == Method::CONNECT {
-        return Err("CONNECT is not proxied");
-    }
+/// Why a message's body could be delimited two ways, if it could: the
+/// requests from callers and the responses from the service are held to
+/// the same rule.
+pub fn body_framing(h: &HeaderMap) -> Result<(), &'static str> {
     if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
         // RFC 9112 6.3: a sender must not send both; the classic CL.TE /
         // TE.CL smuggling vector.
@@ -25,8 +23,20 @@ pub fn check<B>(req: &Request<B>) -> Result<(), &'static str> {
         || h.get(header::TRANSFER_ENCODING)
             .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"chunked"))
     {
+        // Any other coding would reach the receiver undecoded once the
+        // hop-by-hop header is gone.
         return Err("Transfer-Encoding other than a single \"chunked\"");
     }
+    Ok(())
+}
+
+/// Why a request was refused; the text goes into the 400 body.
+pub fn check<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let h = req.headers();
+    if req.method() == Method::CONNECT {
+        return Err("CONNECT is not proxied");
+    }
+    body_framing(h)?;
     let hosts = h.get_all(header::HOST).iter().count();
     if hosts > 1 {
         return Err("more than one Host header");
