@@ -11,18 +11,21 @@ use http::{header, HeaderMap, Method, Request, Version};
 /// requests from callers and the responses from the service are held to
 /// the same rule.
 pub fn body_framing(h: &HeaderMap) -> Result<(), &'static str> {
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    // One lookup per name: this runs on every request and every response.
+    let mut codings = h.get_all(header::TRANSFER_ENCODING).into_iter();
+    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    let Some(coding) = codings.next() else {
+        return match lengths {
+            0 | 1 => Ok(()),
+            _ => Err("more than one Content-Length"),
+        };
+    };
+    if lengths > 0 {
         // RFC 9112 6.3: a sender must not send both; the classic CL.TE /
         // TE.CL smuggling vector.
         return Err("both Transfer-Encoding and Content-Length");
     }
-    if h.get_all(header::CONTENT_LENGTH).iter().count() > 1 {
-        return Err("more than one Content-Length");
-    }
-    if h.get_all(header::TRANSFER_ENCODING).iter().count() > 1
-        || h.get(header::TRANSFER_ENCODING)
-            .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"chunked"))
-    {
+    if codings.next().is_some() || !coding.as_bytes().eq_ignore_ascii_case(b"chunked") {
         // Any other coding would reach the receiver undecoded once the
         // hop-by-hop header is gone.
         return Err("Transfer-Encoding other than a single \"chunked\"");
