@@ -135,8 +135,10 @@ pub struct Failed {
 /// Sends `out` on `conn` and waits for the response head. The response's
 /// body carries the exchange on: it streams what is left of the request
 /// body too, and says at its end whether the connection can be reused.
-pub async fn send(conn: Conn, out: Outgoing) -> Result<Response<Exchange>, Failed> {
-    let mut exchange = Exchange {
+pub async fn send(conn: Conn, out: Outgoing) -> Result<Response<Box<Exchange>>, Failed> {
+    // Boxed: the response carrying it is moved several times on its way
+    // to hyper, and the exchange is a few hundred bytes.
+    let mut exchange = Box::new(Exchange {
         conn,
         writer: out.writer,
         head_request: out.head_request,
@@ -144,7 +146,7 @@ pub async fn send(conn: Conn, out: Outgoing) -> Result<Response<Exchange>, Faile
         keep_alive: false,
         answered: false,
         write_error: None,
-    };
+    });
     match std::future::poll_fn(|cx| exchange.poll_head(cx)).await {
         Ok((status, version, headers)) => {
             let mut resp = Response::new(exchange);
@@ -197,7 +199,7 @@ type Head = (StatusCode, Version, HeaderMap);
 impl Exchange {
     /// Whether the connection is back where it started: both messages
     /// ended where their framing said and nothing else arrived.
-    pub fn into_reusable(self) -> Option<Conn> {
+    pub fn into_reusable(self: Box<Self>) -> Option<Conn> {
         let clean = matches!(self.reading, Reading::Done)
             && self.keep_alive
             && self.writer.is_done()

@@ -194,20 +194,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// outbound side), passed through.
 pub struct PooledBody(Source);
 
-// The service's variant is the data path, and a body exists only while its
-// response is in flight: boxing it would cost an allocation per request.
-#[allow(clippy::large_enum_variant)]
 enum Source {
     Service {
         /// Until the exchange ends, fails or is given back.
-        exchange: Option<Exchange>,
+        exchange: Option<Box<Exchange>>,
         pool: Weak<Pool>,
     },
     Client(Incoming),
 }
 
 impl PooledBody {
-    fn service(exchange: Exchange, pool: Weak<Pool>) -> PooledBody {
+    fn service(exchange: Box<Exchange>, pool: Weak<Pool>) -> PooledBody {
         let mut body = PooledBody(Source::Service {
             exchange: Some(exchange),
             pool,
@@ -220,7 +217,7 @@ impl PooledBody {
 
     fn release_if_done(&mut self) {
         if let Source::Service { exchange, pool } = &mut self.0 {
-            if exchange.as_ref().is_some_and(Exchange::is_done) {
+            if exchange.as_deref().is_some_and(Exchange::is_done) {
                 let conn = exchange.take().and_then(Exchange::into_reusable);
                 if let (Some(conn), Some(pool)) = (conn, pool.upgrade()) {
                     pool.put_back(conn);
@@ -288,7 +285,7 @@ impl http_body::Body for PooledBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Source::Client(inner) => inner.is_end_stream(),
-            Source::Service { exchange, .. } => exchange.as_ref().is_none_or(Exchange::is_done),
+            Source::Service { exchange, .. } => exchange.as_deref().is_none_or(Exchange::is_done),
         }
     }
 
