@@ -28,6 +28,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::chunked::{self, ChunkError, Step};
+use super::framing::{body_framing, BodyFraming};
 use super::pool::RequestBody;
 
 /// Largest response head accepted (hyper's client allowed about 400 KB of
@@ -324,12 +325,10 @@ impl Exchange {
         {
             return Ok(Reading::Done);
         }
-        super::framing::body_framing(headers).map_err(ExchangeError::Framing)?;
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            return Ok(Reading::Chunked(chunked::Decoder::default()));
-        }
-        let Some(length) = headers.get(header::CONTENT_LENGTH) else {
-            return Ok(Reading::UntilClose);
+        let length = match body_framing(headers).map_err(ExchangeError::Framing)? {
+            BodyFraming::Chunked => return Ok(Reading::Chunked(chunked::Decoder::default())),
+            BodyFraming::Neither => return Ok(Reading::UntilClose),
+            BodyFraming::Length(length) => length,
         };
         let length = parse_length(length.as_bytes())
             .ok_or(ExchangeError::Framing("invalid Content-Length"))?;
@@ -459,13 +458,19 @@ enum Framing {
 impl Writer {
     fn new(parts: &http::request::Parts, body: RequestBody) -> Result<Writer, ExchangeError> {
         let headers = &parts.headers;
-        let framing = match headers.get(header::CONTENT_LENGTH) {
-            Some(v) => Framing::Length(
+        // The caller's message passed the same rule on the way in; a
+        // policy's added headers are held to it here.
+        let framing = match body_framing(headers).map_err(ExchangeError::Request)? {
+            BodyFraming::Length(v) => Framing::Length(
                 parse_length(v.as_bytes())
                     .ok_or(ExchangeError::Request("invalid Content-Length"))?,
             ),
-            None if body.is_end_stream() => Framing::Length(0),
-            None => Framing::Chunked,
+            // Without a length this side chooses: chunked, unless there is
+            // no body at all.
+            BodyFraming::Neither | BodyFraming::Chunked if body.is_end_stream() => {
+                Framing::Length(0)
+            }
+            BodyFraming::Neither | BodyFraming::Chunked => Framing::Chunked,
         };
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         if !target.starts_with('/') && target != "*" {

@@ -5,22 +5,35 @@
 //! header bytes; what it accepts but a proxy must not pass on is checked
 //! here. Each refusal is a 400 and never reaches the upstream.
 
-use http::{header, HeaderMap, Method, Request, Version};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Version};
 
-/// Why a message's body could be delimited two ways, if it could: the
-/// requests from callers and the responses from the service are held to
-/// the same rule.
-pub fn body_framing(h: &HeaderMap) -> Result<(), &'static str> {
+/// How a message says its body is delimited, once [`body_framing`] found
+/// it unambiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming<'a> {
+    /// Neither header: no body for a request, to the close for a response.
+    Neither,
+    /// One `Content-Length`, as sent (its digits are checked by the reader).
+    Length(&'a HeaderValue),
+    /// `Transfer-Encoding: chunked`, alone.
+    Chunked,
+}
+
+/// How a message's body is delimited, or why it could be delimited two
+/// ways: the requests from callers and the responses from the service are
+/// held to the same rule.
+pub fn body_framing(h: &HeaderMap) -> Result<BodyFraming<'_>, &'static str> {
     // One lookup per name: this runs on every request and every response.
     let mut codings = h.get_all(header::TRANSFER_ENCODING).into_iter();
-    let lengths = h.get_all(header::CONTENT_LENGTH).iter().count();
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).into_iter();
     let Some(coding) = codings.next() else {
-        return match lengths {
-            0 | 1 => Ok(()),
-            _ => Err("more than one Content-Length"),
+        return match (lengths.next(), lengths.next()) {
+            (None, _) => Ok(BodyFraming::Neither),
+            (Some(length), None) => Ok(BodyFraming::Length(length)),
+            (Some(_), Some(_)) => Err("more than one Content-Length"),
         };
     };
-    if lengths > 0 {
+    if lengths.next().is_some() {
         // RFC 9112 6.3: a sender must not send both; the classic CL.TE /
         // TE.CL smuggling vector.
         return Err("both Transfer-Encoding and Content-Length");
@@ -30,7 +43,7 @@ pub fn body_framing(h: &HeaderMap) -> Result<(), &'static str> {
         // hop-by-hop header is gone.
         return Err("Transfer-Encoding other than a single \"chunked\"");
     }
-    Ok(())
+    Ok(BodyFraming::Chunked)
 }
 
 /// Why a request was refused; the text goes into the 400 body.
