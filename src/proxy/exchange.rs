@@ -300,7 +300,9 @@ impl Exchange {
                 &spilled[..]
             };
             let head = self.conn.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(count);
+            // One slot more than the service sent: the proxy adds the
+            // request id, and a full map would rehash to take it.
+            let mut headers = HeaderMap::with_capacity(count + 1);
             for (name, value) in spans {
                 let name = HeaderName::from_bytes(&head[name.clone()])
                     .map_err(|_| ExchangeError::Framing("invalid header name"))?;
