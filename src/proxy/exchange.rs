@@ -964,4 +964,317 @@ mod tests {
             service.await.unwrap();
         }
     }
+
+    /// How a generated response delimits its body.
+    #[derive(Clone, Debug)]
+    enum Delimit {
+        Length,
+        /// Cut where these fractions of the body fall; with a chunk
+        /// extension on every size line; with trailer fields.
+        Chunked(Vec<f64>, bool, usize),
+        UntilClose,
+    }
+
+    /// A well-formed response, and how it travels.
+    #[derive(Clone, Debug)]
+    struct Answer {
+        head_request: bool,
+        interim: usize,
+        status: u16,
+        http10: bool,
+        fields: Vec<(String, String)>,
+        delimit: Delimit,
+        connection_close: bool,
+        body: Vec<u8>,
+        /// The start of another response right behind this one.
+        stray: bool,
+        /// Where the wire is cut into separate writes, as fractions.
+        cuts: Vec<f64>,
+    }
+
+    impl Answer {
+        /// The service sends a body: not for HEAD, 204 or 304.
+        fn has_body(&self) -> bool {
+            !self.head_request && self.status != 204 && self.status != 304
+        }
+
+        fn wire(&self) -> Vec<u8> {
+            let mut w = Vec::new();
+            for i in 0..self.interim {
+                w.extend_from_slice(
+                    format!("HTTP/1.1 10{} Interim\r\nx-hint: {i}\r\n\r\n", 3 * (i % 2)).as_bytes(),
+                );
+            }
+            let version = if self.http10 { "1.0" } else { "1.1" };
+            w.extend_from_slice(format!("HTTP/{version} {} Whatever\r\n", self.status).as_bytes());
+            for (name, value) in &self.fields {
+                w.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+            }
+            if self.connection_close {
+                w.extend_from_slice(b"connection: close\r\n");
+            }
+            let body = if self.has_body() {
+                &self.body[..]
+            } else {
+                &[][..]
+            };
+            match &self.delimit {
+                Delimit::Length if self.status != 204 => {
+                    w.extend_from_slice(
+                        format!("content-length: {}\r\n\r\n", self.body.len()).as_bytes(),
+                    );
+                    w.extend_from_slice(body);
+                }
+                Delimit::Chunked(cuts, extension, trailers) if self.status != 204 => {
+                    w.extend_from_slice(b"transfer-encoding: chunked\r\n\r\n");
+                    if self.has_body() {
+                        for chunk in pieces(body, cuts) {
+                            w.extend_from_slice(format!("{:x}", chunk.len()).as_bytes());
+                            if *extension {
+                                w.extend_from_slice(b";ext=\"x y\"");
+                            }
+                            w.extend_from_slice(b"\r\n");
+                            w.extend_from_slice(chunk);
+                            w.extend_from_slice(b"\r\n");
+                        }
+                        w.extend_from_slice(b"0\r\n");
+                        for i in 0..*trailers {
+                            w.extend_from_slice(format!("x-trailer-{i}: t\r\n").as_bytes());
+                        }
+                        w.extend_from_slice(b"\r\n");
+                    }
+                }
+                _ => {
+                    w.extend_from_slice(b"\r\n");
+                    w.extend_from_slice(body);
+                }
+            }
+            if self.stray {
+                w.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            }
+            w
+        }
+
+        /// The service must close to end a body delimited by the close.
+        fn ends_by_close(&self) -> bool {
+            matches!(self.delimit, Delimit::UntilClose) && self.has_body()
+        }
+
+        fn reusable(&self) -> bool {
+            !self.http10 && !self.connection_close && !self.stray && !self.ends_by_close()
+        }
+    }
+
+    /// `bytes` cut where the fractions `cuts` of its length fall, in
+    /// order, without empty pieces.
+    fn pieces<'a>(bytes: &'a [u8], cuts: &[f64]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts
+            .iter()
+            .map(|f| (f * bytes.len() as f64) as usize)
+            .collect();
+        at.extend([0, bytes.len()]);
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2).map(|w| &bytes[w[0]..w[1]]).collect()
+    }
+
+    fn answers() -> impl proptest::strategy::Strategy<Value = Answer> {
+        use proptest::prelude::*;
+        let delimit = prop_oneof![
+            Just(Delimit::Length),
+            (
+                proptest::collection::vec(0.0..1.0f64, 0..6),
+                any::<bool>(),
+                0usize..3
+            )
+                .prop_map(|(cuts, ext, trailers)| Delimit::Chunked(cuts, ext, trailers)),
+            Just(Delimit::UntilClose),
+        ];
+        (
+            (
+                any::<bool>(),
+                0usize..3,
+                prop::sample::select(vec![200u16, 201, 204, 304, 404, 503]),
+                prop::bool::weighted(0.15),
+            ),
+            proptest::collection::vec(
+                ("[a-z][a-z0-9-]{0,12}", "([!-~]([ -~]{0,30}[!-~])?)?"),
+                0..24,
+            ),
+            delimit,
+            (
+                prop::bool::weighted(0.15),
+                proptest::collection::vec(any::<u8>(), 0..3000),
+                prop::bool::weighted(0.15),
+            ),
+            proptest::collection::vec(0.0..1.0f64, 0..5),
+        )
+            .prop_map(
+                |(
+                    (head_request, interim, status, http10),
+                    fields,
+                    delimit,
+                    (connection_close, body, stray),
+                    cuts,
+                )| {
+                    // HTTP/1.0 has no chunked coding.
+                    let delimit = match delimit {
+                        Delimit::Chunked(..) if http10 => Delimit::Length,
+                        d => d,
+                    };
+                    let mut answer = Answer {
+                        head_request,
+                        interim,
+                        status,
+                        http10,
+                        // Distinct names, so that the map's order (by name) is
+                        // the order they were sent in.
+                        fields: fields
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, (n, v))| (format!("{n}-{i}"), v))
+                            .collect(),
+                        delimit,
+                        connection_close,
+                        body,
+                        stray,
+                        cuts,
+                    };
+                    // What follows a body delimited by the close is body.
+                    if answer.ends_by_close() {
+                        answer.stray = false;
+                    }
+                    answer
+                },
+            )
+    }
+
+    /// A service for one exchange that writes `wire` in pieces cut at
+    /// `cuts` (or whole), then closes if `close`, else holds the
+    /// connection until the client closes it.
+    async fn writes(wire: Vec<u8>, cuts: &[f64], close: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cuts = cuts.to_vec();
+        tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut read = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut buf).await {
+                    Ok(n) if n > 0 => read.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            for piece in pieces(&wire, &cuts) {
+                if tcp.write_all(piece).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            if !close {
+                while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            }
+        });
+        addr
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any well-formed response, however it is framed and however the
+        /// wire cuts it, arrives with its status, fields and body intact,
+        /// and leaves a connection to reuse exactly when the framing, the
+        /// version and `Connection` allow it and nothing followed.
+        #[test]
+        fn well_formed_responses_arrive_whole_at_any_cut(answer in answers()) {
+            let got = block_on(async {
+                // Bytes behind the response come in the same write, so
+                // they are in the buffer when the exchange ends; bytes
+                // arriving later are what `is_usable` is for (tested above).
+                let cuts = if answer.stray { &[][..] } else { &answer.cuts[..] };
+                let addr = writes(answer.wire(), cuts, answer.ends_by_close()).await;
+                let method = if answer.head_request { Method::HEAD } else { Method::GET };
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let resp = send(Conn::new(tcp), Outgoing::new(request(method, "/")).unwrap())
+                    .await
+                    .map_err(|f| f.error)?;
+                let status = resp.status().as_u16();
+                let fields: Vec<(String, String)> = resp
+                    .headers()
+                    .iter()
+                    .filter(|(n, _)| !matches!(n.as_str(), "content-length" | "transfer-encoding" | "connection"))
+                    .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+                    .collect();
+                let mut body = resp.into_body();
+                let mut bytes = Vec::new();
+                while let Some(frame) = body.frame().await {
+                    bytes.extend_from_slice(&frame?.into_data().unwrap());
+                }
+                let usable = body.into_reusable().map(|mut conn| conn.is_usable());
+                Ok::<_, ExchangeError>((status, fields, bytes, usable))
+            });
+            let (status, fields, body, usable) = got.map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            proptest::prop_assert_eq!(status, answer.status);
+            proptest::prop_assert_eq!(fields, answer.fields.clone());
+            let want: &[u8] = if answer.has_body() { &answer.body } else { &[] };
+            proptest::prop_assert_eq!(body, want.to_vec());
+            proptest::prop_assert_eq!(usable, answer.reusable().then_some(true));
+        }
+
+        /// A broken response (a byte changed, bytes cut out or put in, the
+        /// wire cut short) never panics and never hangs: it ends in an
+        /// answer or an error, and the body never holds more than was sent.
+        #[test]
+        fn damaged_responses_end_in_an_answer_or_an_error(
+            answer in answers(),
+            damage in proptest::collection::vec((0.0..1.0f64, 0u8..3, proptest::prelude::any::<u8>()), 1..4),
+            truncate in proptest::option::of(0.0..1.0f64),
+        ) {
+            let mut wire = answer.wire();
+            for (at, kind, byte) in damage {
+                let i = (at * wire.len() as f64) as usize;
+                match kind {
+                    0 if i < wire.len() => wire[i] = byte,
+                    1 if i < wire.len() => { wire.remove(i); }
+                    _ => wire.insert(i.min(wire.len()), byte),
+                }
+            }
+            if let Some(keep) = truncate {
+                wire.truncate((keep * wire.len() as f64) as usize);
+            }
+            let sent = wire.len();
+            let got = block_on(async {
+                let addr = writes(wire, &answer.cuts, true).await;
+                let method = if answer.head_request { Method::HEAD } else { Method::GET };
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    let resp = send(Conn::new(tcp), Outgoing::new(request(method, "/")).unwrap())
+                        .await
+                        .map_err(|f| f.error)?;
+                    let mut body = resp.into_body();
+                    let mut bytes = 0;
+                    while let Some(frame) = body.frame().await {
+                        bytes += frame?.into_data().unwrap().len();
+                    }
+                    Ok::<_, ExchangeError>(bytes)
+                })
+                .await
+            });
+            let Ok(result) = got else {
+                return Err(proptest::test_runner::TestCaseError::fail("the exchange hung"));
+            };
+            if let Ok(bytes) = result {
+                proptest::prop_assert!(bytes <= sent);
+            }
+        }
+    }
 }
