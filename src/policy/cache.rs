@@ -142,8 +142,9 @@ pub struct Analysis {
 pub struct DecisionCache {
     analysis: Analysis,
     /// `analysis.reads` without the leading `input`, as the values they
-    /// look up, made once rather than per request.
-    lookups: Vec<Vec<Value>>,
+    /// look up and the fields they start in, made once rather than per
+    /// request.
+    lookups: Vec<input::Lookup>,
     capacity: usize,
     /// `None` when caching is off.
     store: Option<Mutex<Generations>>,
@@ -166,7 +167,9 @@ impl DecisionCache {
         let lookups = analysis
             .reads
             .iter()
-            .map(|p| p.iter().skip(1).map(|s| Value::from(s.as_str())).collect())
+            .map(|p| {
+                input::Lookup::new(p.iter().skip(1).map(|s| Value::from(s.as_str())).collect())
+            })
             .collect();
         Arc::new(DecisionCache {
             analysis,
@@ -192,7 +195,7 @@ impl DecisionCache {
 
     /// The input document for `facts` as the policy is shown it on the
     /// request path: only the fields it reads when the scan accounts for
-    /// every read and each read is of a field [`input::locate`] finds,
+    /// every read and each read is of a field [`input::Slot::of`] places,
     /// else the whole document. Built per evaluation, whether or not
     /// caching is on: the scan is the same either way.
     pub fn document(&self, facts: &RequestFacts) -> Value {
@@ -255,8 +258,8 @@ impl DecisionCache {
             }
         }
         let mut key = Vec::with_capacity(256);
-        for path in &self.lookups {
-            encode_at(input, path, 0, &mut key);
+        for lookup in &self.lookups {
+            encode_at(input, &lookup.path, 0, &mut key);
         }
         Some(key)
     }
@@ -267,8 +270,9 @@ impl DecisionCache {
     pub fn key_for(&self, facts: &RequestFacts) -> Option<Vec<u8>> {
         self.store.as_ref()?;
         let mut key = Vec::with_capacity(256);
-        for path in &self.lookups {
-            let (field, depth) = input::locate(facts, path)?;
+        for input::Lookup { path, slot } in &self.lookups {
+            let (slot, depth) = (*slot)?;
+            let field = slot.field(facts);
             // A string or the header map read whole is encoded straight
             // from the request, without making its value first.
             match field {
@@ -1255,7 +1259,7 @@ mod tests {
                 }
             }
         }
-        // The fields `input::locate` finds, and the paths below them.
+        // The fields `input::Slot::of` places, and the paths below them.
         assert!(resolved > 40, "only {resolved} paths resolved from fields");
 
         // The shipped policy is keyed without building the document.
@@ -1308,8 +1312,8 @@ mod tests {
                 cut += 1;
                 for (path, lookup) in c.analysis.reads.iter().zip(&c.lookups) {
                     let (mut a, mut b) = (Vec::new(), Vec::new());
-                    encode_at(&document, lookup, 0, &mut a);
-                    encode_at(&whole, lookup, 0, &mut b);
+                    encode_at(&document, &lookup.path, 0, &mut a);
+                    encode_at(&whole, &lookup.path, 0, &mut b);
                     assert_eq!(a, b, "{} in {document}", display_path(path));
                 }
             }
@@ -1348,7 +1352,7 @@ mod tests {
     }
 
     /// Where the scan cannot see every read, or a read is of something
-    /// `input::locate` does not find, the policy gets the whole document.
+    /// `input::Slot::of` does not place, the policy gets the whole document.
     #[test]
     fn the_whole_document_when_the_reads_are_not_all_known() {
         let headers = http::HeaderMap::new();

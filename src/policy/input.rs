@@ -104,62 +104,116 @@ pub enum Field<'a> {
     ParsedQuery,
 }
 
-/// The field [`build_input`] puts at the start of `path` (the segments
-/// below `input`), and how many segments of `path` it stands for; the rest
-/// of `path` is inside the field's value. `None` when the path does not
-/// start with one of the fields below, and only the whole document can
-/// answer it.
-///
-/// This is how the decision cache keys a request without building the
-/// document: on a hit nothing else is made. It covers the fields that can
-/// be keyed at all (the per-request ones turn the cache off), and a test
-/// checks each against the document.
-pub fn locate<'a>(f: &RequestFacts<'a>, path: &[Value]) -> Option<(Field<'a>, usize)> {
-    let segment = |i: usize| match path.get(i) {
-        Some(Value::String(s)) => Some(&**s),
-        _ => None,
-    };
-    let found = match (segment(0)?, segment(1), segment(2), segment(3)) {
-        ("source", Some("spiffe_id"), ..) => (Field::Str(f.source_spiffe_id), 2),
-        ("source", Some("trust_domain"), ..) => (Field::Str(f.source_trust_domain), 2),
-        ("source", Some("path"), ..) => (Field::Str(f.source_path), 2),
-        ("attributes", Some("source"), Some("principal"), _) => (Field::Str(f.source_spiffe_id), 3),
-        ("attributes", Some("destination"), Some("principal"), _) => {
-            (Field::Str(f.destination_spiffe_id), 3)
-        }
-        ("attributes", Some("request"), Some("http"), Some(name)) => {
-            let field = match name {
-                "method" => Field::Constant(f.method),
-                "path" => Field::FullPath,
-                "host" => Field::Str(f.host),
-                "scheme" => Field::Constant(f.scheme),
-                "protocol" => Field::Constant(f.protocol),
-                "headers" => Field::Headers(f.headers),
-                _ => return None,
-            };
-            (field, 4)
-        }
-        ("parsed_path", ..) => (Field::ParsedPath, 1),
-        ("parsed_query", ..) => (Field::ParsedQuery, 1),
-        _ => return None,
-    };
-    Some(found)
+/// Where in the request a field of the input document comes from, with
+/// no request in hand: read paths are fixed per policy, so each is placed
+/// once at load and only [`Slot::field`] runs per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    SourceSpiffeId,
+    SourceTrustDomain,
+    SourcePath,
+    DestinationSpiffeId,
+    Method,
+    FullPath,
+    Host,
+    Scheme,
+    Protocol,
+    Headers,
+    ParsedPath,
+    ParsedQuery,
 }
 
-/// The input document cut down to the fields found at `paths` (segments
-/// below `input`, as [`locate`] takes them), each with the value
-/// [`build_input`] gives it; `None` when a path is not one [`locate`]
-/// answers, and only the whole document will do.
+/// A read path (the segments below `input`) and, when [`Slot::of`] places
+/// it, the field it starts in and how many of its segments that field
+/// stands for.
+#[derive(Clone, Debug)]
+pub struct Lookup {
+    pub path: Vec<Value>,
+    pub slot: Option<(Slot, usize)>,
+}
+
+impl Lookup {
+    pub fn new(path: Vec<Value>) -> Lookup {
+        let slot = Slot::of(&path);
+        Lookup { path, slot }
+    }
+}
+
+impl Slot {
+    /// The field [`build_input`] puts at the start of `path` (the segments
+    /// below `input`), and how many segments of `path` it stands for; the
+    /// rest of `path` is inside the field's value. `None` when the path
+    /// does not start with one of the fields below, and only the whole
+    /// document can answer it.
+    ///
+    /// This is how the decision cache keys a request without building the
+    /// document: on a hit nothing else is made. It covers the fields that
+    /// can be keyed at all (the per-request ones turn the cache off), and a
+    /// test checks each against the document.
+    pub fn of(path: &[Value]) -> Option<(Slot, usize)> {
+        let segment = |i: usize| match path.get(i) {
+            Some(Value::String(s)) => Some(&**s),
+            _ => None,
+        };
+        let found = match (segment(0)?, segment(1), segment(2), segment(3)) {
+            ("source", Some("spiffe_id"), ..) => (Slot::SourceSpiffeId, 2),
+            ("source", Some("trust_domain"), ..) => (Slot::SourceTrustDomain, 2),
+            ("source", Some("path"), ..) => (Slot::SourcePath, 2),
+            ("attributes", Some("source"), Some("principal"), _) => (Slot::SourceSpiffeId, 3),
+            ("attributes", Some("destination"), Some("principal"), _) => {
+                (Slot::DestinationSpiffeId, 3)
+            }
+            ("attributes", Some("request"), Some("http"), Some(name)) => {
+                let slot = match name {
+                    "method" => Slot::Method,
+                    "path" => Slot::FullPath,
+                    "host" => Slot::Host,
+                    "scheme" => Slot::Scheme,
+                    "protocol" => Slot::Protocol,
+                    "headers" => Slot::Headers,
+                    _ => return None,
+                };
+                (slot, 4)
+            }
+            ("parsed_path", ..) => (Slot::ParsedPath, 1),
+            ("parsed_query", ..) => (Slot::ParsedQuery, 1),
+            _ => return None,
+        };
+        Some(found)
+    }
+
+    /// The field this slot holds for the request `f`.
+    pub fn field<'a>(self, f: &RequestFacts<'a>) -> Field<'a> {
+        match self {
+            Slot::SourceSpiffeId => Field::Str(f.source_spiffe_id),
+            Slot::SourceTrustDomain => Field::Str(f.source_trust_domain),
+            Slot::SourcePath => Field::Str(f.source_path),
+            Slot::DestinationSpiffeId => Field::Str(f.destination_spiffe_id),
+            Slot::Method => Field::Constant(f.method),
+            Slot::FullPath => Field::FullPath,
+            Slot::Host => Field::Str(f.host),
+            Slot::Scheme => Field::Constant(f.scheme),
+            Slot::Protocol => Field::Constant(f.protocol),
+            Slot::Headers => Field::Headers(f.headers),
+            Slot::ParsedPath => Field::ParsedPath,
+            Slot::ParsedQuery => Field::ParsedQuery,
+        }
+    }
+}
+
+/// The input document cut down to the fields at `lookups`, each with the
+/// value [`build_input`] gives it; `None` when a lookup is not one
+/// [`Slot::of`] places, and only the whole document will do.
 ///
 /// A policy shown this document decides as on the whole one, provided
-/// `paths` includes everything it reads: a field it never reads cannot
+/// `lookups` includes everything it reads: a field it never reads cannot
 /// change its result. For the shipped policy the fields left out include
 /// the costliest to make (the time in RFC 3339, the peer's address as
 /// text, the parsed query): 4% of an uncached request's instructions.
-pub fn build_fields(f: &RequestFacts, paths: &[Vec<Value>]) -> Option<Value> {
+pub fn build_fields(f: &RequestFacts, lookups: &[Lookup]) -> Option<Value> {
     let mut root = Value::new_object();
-    for path in paths {
-        let (field, depth) = locate(f, path)?;
+    for Lookup { path, slot } in lookups {
+        let (slot, depth) = (*slot)?;
         let (name, parents) = path[..depth].split_last()?;
         let mut node = &mut root;
         for key in parents {
@@ -171,7 +225,7 @@ pub fn build_fields(f: &RequestFacts, paths: &[Vec<Value>]) -> Option<Value> {
         // Two reads inside one field (`headers.a`, `headers.b`) share it.
         let object = node.as_object_mut().ok()?;
         if !object.contains_key(name) {
-            object.insert(name.clone(), field.value(f));
+            object.insert(name.clone(), slot.field(f).value(f));
         }
     }
     Some(root)
