@@ -248,6 +248,10 @@ impl Exchange {
     /// Interim (1xx) responses before it are read past.
     fn parse_head(&mut self) -> Result<Option<Head>, ExchangeError> {
         loop {
+            // Before the first read: nothing to parse yet.
+            if self.conn.buf.is_empty() {
+                return Ok(None);
+            }
             let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
             let mut parsed = httparse::Response::new(&mut []);
             let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
