@@ -232,25 +232,32 @@ async fn handle_request(
     };
 
     let dry_run = out.policy_mode == PolicyMode::DryRun;
-    let finish = |mut record: audit::RequestRecord,
-                  decision: &str,
-                  allowed: bool,
-                  reason: String,
-                  response: Response<Body>| {
-        let status = response.status().as_u16();
+    let decide = |record: &mut audit::RequestRecord, allowed: bool, reason: &str| {
         record.event.decision = Some(audit::Decision {
             allowed,
-            reason: audit::redact_pans(&reason).into_owned(),
+            reason: audit::redact_pans(reason).into_owned(),
             policy_revision: policy.revision.clone(),
             dry_run,
             cached: false,
         });
+    };
+    // Writes the record with the decision already on it.
+    let complete = |record: audit::RequestRecord, decision: &str, response: Response<Body>| {
+        let status = response.status().as_u16();
         let elapsed = record.finish(status);
         out.metrics
             .outbound
             .requests
             .record(decision, status, elapsed.as_secs_f64());
         response
+    };
+    let finish = |mut record: audit::RequestRecord,
+                  decision: &str,
+                  allowed: bool,
+                  reason: String,
+                  response: Response<Body>| {
+        decide(&mut record, allowed, &reason);
+        complete(record, decision, response)
     };
 
     let Some(route) = route else {
@@ -403,11 +410,21 @@ async fn handle_request(
         );
         return finish(record, label, allowed, format!("{reason}; {message}"), resp);
     };
+    // Decided before the request goes: an app that hangs up while it is
+    // with the server drops this future at the await below, and what was
+    // decided must still reach the trail and the metrics.
+    decide(&mut record, allowed, &reason);
+    let hang_up = proxy::HangUp {
+        requests: &out.metrics.outbound.requests,
+        decision: label,
+        started,
+    };
     let sent = tokio::time::timeout(
         out.request_timeout,
         route.client.request(Request::from_parts(parts, body)),
     )
     .await;
+    std::mem::forget(hang_up);
     admission.record(proxy::breaker_success(&sent));
     let (kind, status, error, message) = match sent {
         Ok(Ok(resp)) => {
@@ -420,7 +437,7 @@ async fn handle_request(
             proxy::strip_hop_by_hop(&mut parts.headers);
             proxy::set_request_id(&mut parts.headers, &request_id);
             let resp = Response::from_parts(parts, Either::Left(body.into()));
-            return finish(record, label, allowed, reason, resp);
+            return complete(record, label, resp);
         }
         Ok(Err(e)) => match connect_error(&e) {
             Some(c) if c.is_refusal() => (

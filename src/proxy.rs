@@ -5,7 +5,8 @@
 //! path (unsafe: 400), strip identity headers the caller sent, evaluate the
 //! policy on the input document, then either answer the deny or forward to
 //! the upstream with the verified identity. Every branch ends in exactly one
-//! audit record and one `portcullis_requests_total` increment.
+//! audit record, and every decision in one `portcullis_requests_total`
+//! increment, a caller hanging up after it included (as a 499).
 
 mod activity;
 mod balance;
@@ -568,25 +569,31 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     // Set once the policy has decided; read when the audit event is made.
     // Atomic rather than a Cell only because the future must be Send.
     let from_cache = std::sync::atomic::AtomicBool::new(false);
-    let finish = |record: audit::RequestRecord,
-                  decision: &str,
-                  allowed: bool,
-                  reason: String,
-                  response: Response<Body>| {
-        let status = response.status().as_u16();
-        let mut record = record;
+    let decide = |record: &mut audit::RequestRecord, allowed: bool, reason: &str| {
         record.event.decision = Some(audit::Decision {
             allowed,
-            reason: audit::redact_pans(&reason).into_owned(),
+            reason: audit::redact_pans(reason).into_owned(),
             policy_revision: policy.revision.clone(),
             dry_run,
             cached: from_cache.load(std::sync::atomic::Ordering::Relaxed),
         });
+    };
+    // Writes the record with the decision already on it.
+    let complete = |record: audit::RequestRecord, decision: &str, response: Response<Body>| {
+        let status = response.status().as_u16();
         let elapsed = record.finish(status);
         shared
             .metrics
             .record_request(decision, status, elapsed.as_secs_f64());
         response
+    };
+    let finish = |mut record: audit::RequestRecord,
+                  decision: &str,
+                  allowed: bool,
+                  reason: String,
+                  response: Response<Body>| {
+        decide(&mut record, allowed, &reason);
+        complete(record, decision, response)
     };
 
     let header_bytes: usize = req
@@ -877,6 +884,16 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         );
         return finish(record, label, allowed, format!("{reason}; {message}"), resp);
     };
+    // Decided before the request goes: a caller that hangs up while it is
+    // with the service drops this future at the await below, and what was
+    // decided must still reach the trail (the record's drop writes it as
+    // a 499) and the metrics (the guard counts it).
+    decide(&mut record, allowed, &reason);
+    let hang_up = HangUp {
+        requests: &shared.metrics.requests,
+        decision: label,
+        started,
+    };
     // Boxed: hyper keeps a slot sized for this request's future in every
     // connection, idle or not, and the connect path inside `send` would
     // make it a kilobyte larger (issue 7 measures memory per idle
@@ -889,6 +906,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         ))
     });
     let sent = tokio::time::timeout(upstream.timeout, send).await;
+    std::mem::forget(hang_up);
     admission.record(breaker_success(&sent));
     let (kind, status, message) = match sent {
         Ok(Ok(resp)) => {
@@ -897,7 +915,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             set_request_id(&mut parts.headers, &request_id);
             add_policy_headers(&mut parts.headers, &applied.response_headers_to_add);
             let resp = Response::from_parts(parts, Either::Left(body));
-            return finish(record, label, allowed, reason, resp);
+            return complete(record, label, resp);
         }
         Ok(Err(e)) if is_length_limit(&e) => {
             return over_limit(Limit::BodyBytes, shared, record, &request_id, finish);
@@ -926,6 +944,23 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     tracing::warn!(request_id, kind, "{}", audit::redact_pans(&message));
     let resp = error_response(status, "upstream_error", &message, &request_id, None);
     finish(record, label, allowed, format!("{reason}; {message}"), resp)
+}
+
+/// Counts a forwarded request whose caller hung up before the server
+/// answered: dropped with the request's future, it records the 499 its
+/// audit record's drop writes, under the decision that let it through.
+/// Forgotten once the server's answer (or failure) is in.
+pub(crate) struct HangUp<'a> {
+    pub(crate) requests: &'a crate::metrics::Requests,
+    pub(crate) decision: &'static str,
+    pub(crate) started: Instant,
+}
+
+impl Drop for HangUp<'_> {
+    fn drop(&mut self) {
+        self.requests
+            .record(self.decision, 499, self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// The size limits a request can exceed before policy.

@@ -632,6 +632,64 @@ async fn a_server_that_does_not_answer_in_time_gets_504() {
     a.stop().await;
 }
 
+/// An app that hangs up while its allowed request is with the server: the
+/// request is still audited with what was decided, as a 499, and counted
+/// under that decision.
+#[tokio::test]
+async fn an_app_hanging_up_mid_request_is_audited_and_counted_with_its_decision() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let b = Harness::start().await;
+    let server = b.pki.ca.issue(&LeafSpec::svid(SIDECAR)).unwrap();
+    let config = server_tls(&b, &server);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived, request) = tokio::sync::oneshot::channel();
+    // Takes the connection and the first bytes of the request, then never
+    // answers.
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tls.read(&mut buf).await.unwrap();
+        arrived.send(n).unwrap();
+        while tls.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let mut a = Caller::payments_at(&b, addr, |c| {
+        if let Some(o) = c.outbound.as_mut() {
+            // Only the hang-up can end the request within the test.
+            o.request_timeout_ms = 120_000;
+        }
+    })
+    .await;
+
+    let mut app = tokio::net::TcpStream::connect(a.outbound()).await.unwrap();
+    app.write_all(
+        format!("GET /v1/payments/1 HTTP/1.1\r\nhost: {PAYMENTS_HOST}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    assert!(request.await.unwrap() > 0, "the request reached the server");
+    drop(app);
+
+    let series = r#"portcullis_outbound_requests_total{decision="allow",status="4xx"}"#;
+    eventually_async(
+        std::time::Duration::from_secs(5),
+        "the abandoned request to be counted",
+        || async { sample(&a.scrape().await, series) == 1.0 },
+    )
+    .await;
+    let events = a.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 1, "{events:?}");
+    assert_eq!(reqs[0]["response"]["status"], 499);
+    assert_eq!(reqs[0]["decision"]["allowed"], true, "{}", reqs[0]);
+    assert!(reqs[0]["decision"]["policy_revision"].is_string());
+}
+
 #[tokio::test]
 async fn an_unreachable_route_opens_its_circuit() {
     let b = Harness::start().await;

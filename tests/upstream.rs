@@ -151,3 +151,97 @@ async fn chunked_and_close_delimited_answers_pass_and_an_ambiguous_one_is_a_502(
         .collect();
     assert_eq!(statuses, [200, 200, 200, 200, 502]);
 }
+
+/// A caller that hangs up while its allowed request is with the service:
+/// the sidecar notices, gives the upstream exchange up (the service sees
+/// its connection closed, long before any timeout), and still audits the
+/// request, as a 499 with its allow decision.
+#[tokio::test]
+async fn a_caller_hanging_up_mid_request_abandons_the_exchange_and_is_audited() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived, head) = tokio::sync::oneshot::channel();
+    // A service that takes one request and never answers it: it only
+    // reads on until the sidecar closes the connection.
+    let service = tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut read = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before the request head");
+            read.extend_from_slice(&buf[..n]);
+        }
+        arrived.send(read).unwrap();
+        while tcp.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let mut h = Harness::start_with(&shipped_policy(), |c| {
+        c.inbound.upstream = format!("http://{addr}");
+        // Only the hang-up can end the exchange within the test.
+        c.inbound.upstream_timeout_ms = 120_000;
+    })
+    .await;
+
+    let mut tls = connect_tls(h.running().inbound_addr, h.pki.client(CHECKOUT)).await;
+    tls.write_all(b"GET /v1/payments/p1 HTTP/1.1\r\nhost: payments\r\n\r\n")
+        .await
+        .unwrap();
+    let head = String::from_utf8(head.await.unwrap()).unwrap();
+    assert!(
+        head.starts_with("GET /v1/payments/p1 HTTP/1.1\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains(&format!("x-spiffe-id: {CHECKOUT}\r\n")),
+        "{head}"
+    );
+
+    drop(tls);
+    tokio::time::timeout(std::time::Duration::from_secs(10), service)
+        .await
+        .expect("the sidecar kept the abandoned exchange open")
+        .unwrap();
+
+    // Counted under the decision that let it through, with the status the
+    // trail gives it. The service sees the close while the request's
+    // future is being dropped, so the count may land a moment later.
+    let series = r#"portcullis_requests_total{decision="allow",status="4xx"}"#;
+    eventually_async(
+        std::time::Duration::from_secs(5),
+        "the abandoned request to be counted",
+        || async { sample(&h.scrape().await, series) == 1.0 },
+    )
+    .await;
+    assert_eq!(
+        sample(
+            &h.scrape().await,
+            r#"portcullis_requests_total{decision="allow",status="2xx"}"#
+        ),
+        0.0
+    );
+
+    let events = h.stop().await;
+    let reqs = requests(&events);
+    assert_eq!(reqs.len(), 1, "{events:?}");
+    assert_eq!(reqs[0]["response"]["status"], 499);
+    assert_eq!(
+        reqs[0]["detail"],
+        "client closed the request before a response"
+    );
+    // What was decided before the request went to the service.
+    let decision = &reqs[0]["decision"];
+    assert_eq!(decision["allowed"], true, "{}", reqs[0]);
+    assert_eq!(
+        decision["reason"],
+        format!("{CHECKOUT} may GET /v1/payments/p1")
+    );
+    assert_ne!(
+        decision["cached"], true,
+        "the first request cannot be a hit"
+    );
+    assert!(decision["policy_revision"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
+}
