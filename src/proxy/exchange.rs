@@ -248,7 +248,8 @@ impl Exchange {
     /// Interim (1xx) responses before it are read past.
     fn parse_head(&mut self) -> Result<Option<Head>, ExchangeError> {
         loop {
-            // Before the first read: nothing to parse yet.
+            // Nothing has arrived (or only interim responses, read past):
+            // most calls come before the first read.
             if self.conn.buf.is_empty() {
                 return Ok(None);
             }
