@@ -232,32 +232,19 @@ async fn handle_request(
     };
 
     let dry_run = out.policy_mode == PolicyMode::DryRun;
-    let decide = |record: &mut audit::RequestRecord, allowed: bool, reason: &str| {
-        record.event.decision = Some(audit::Decision {
-            allowed,
-            reason: audit::redact_pans(reason).into_owned(),
-            policy_revision: policy.revision.clone(),
-            dry_run,
-            cached: false,
-        });
+    let outcome = proxy::Outcome {
+        requests: &out.metrics.outbound.requests,
+        policy_revision: &policy.revision,
+        dry_run,
     };
-    // Writes the record with the decision already on it.
-    let complete = |record: audit::RequestRecord, decision: &str, response: Response<Body>| {
-        let status = response.status().as_u16();
-        let elapsed = record.finish(status);
-        out.metrics
-            .outbound
-            .requests
-            .record(decision, status, elapsed.as_secs_f64());
-        response
-    };
+    // Egress decisions are not cached.
     let finish = |mut record: audit::RequestRecord,
                   decision: &str,
                   allowed: bool,
                   reason: String,
                   response: Response<Body>| {
-        decide(&mut record, allowed, &reason);
-        complete(record, decision, response)
+        outcome.decide(&mut record, allowed, &reason, false);
+        outcome.complete(record, decision, response)
     };
 
     let Some(route) = route else {
@@ -413,12 +400,8 @@ async fn handle_request(
     // Decided before the request goes: an app that hangs up while it is
     // with the server drops this future at the await below, and what was
     // decided must still reach the trail and the metrics.
-    decide(&mut record, allowed, &reason);
-    let hang_up = proxy::HangUp {
-        requests: &out.metrics.outbound.requests,
-        decision: label,
-        started,
-    };
+    outcome.decide(&mut record, allowed, &reason, false);
+    let hang_up = outcome.hang_up(label, started);
     let sent = tokio::time::timeout(
         out.request_timeout,
         route.client.request(Request::from_parts(parts, body)),
@@ -437,7 +420,7 @@ async fn handle_request(
             proxy::strip_hop_by_hop(&mut parts.headers);
             proxy::set_request_id(&mut parts.headers, &request_id);
             let resp = Response::from_parts(parts, Either::Left(body.into()));
-            return complete(record, label, resp);
+            return outcome.complete(record, label, resp);
         }
         Ok(Err(e)) => match connect_error(&e) {
             Some(c) if c.is_refusal() => (

@@ -569,23 +569,14 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     // Set once the policy has decided; read when the audit event is made.
     // Atomic rather than a Cell only because the future must be Send.
     let from_cache = std::sync::atomic::AtomicBool::new(false);
-    let decide = |record: &mut audit::RequestRecord, allowed: bool, reason: &str| {
-        record.event.decision = Some(audit::Decision {
-            allowed,
-            reason: audit::redact_pans(reason).into_owned(),
-            policy_revision: policy.revision.clone(),
-            dry_run,
-            cached: from_cache.load(std::sync::atomic::Ordering::Relaxed),
-        });
+    let outcome = Outcome {
+        requests: &shared.metrics.requests,
+        policy_revision: &policy.revision,
+        dry_run,
     };
-    // Writes the record with the decision already on it.
-    let complete = |record: audit::RequestRecord, decision: &str, response: Response<Body>| {
-        let status = response.status().as_u16();
-        let elapsed = record.finish(status);
-        shared
-            .metrics
-            .record_request(decision, status, elapsed.as_secs_f64());
-        response
+    let decide = |record: &mut audit::RequestRecord, allowed: bool, reason: &str| {
+        let cached = from_cache.load(std::sync::atomic::Ordering::Relaxed);
+        outcome.decide(record, allowed, reason, cached);
     };
     let finish = |mut record: audit::RequestRecord,
                   decision: &str,
@@ -593,7 +584,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
                   reason: String,
                   response: Response<Body>| {
         decide(&mut record, allowed, &reason);
-        complete(record, decision, response)
+        outcome.complete(record, decision, response)
     };
 
     let header_bytes: usize = req
@@ -889,11 +880,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     // decided must still reach the trail (the record's drop writes it as
     // a 499) and the metrics (the guard counts it).
     decide(&mut record, allowed, &reason);
-    let hang_up = HangUp {
-        requests: &shared.metrics.requests,
-        decision: label,
-        started,
-    };
+    let hang_up = outcome.hang_up(label, started);
     // Boxed: hyper keeps a slot sized for this request's future in every
     // connection, idle or not, and the connect path inside `send` would
     // make it a kilobyte larger (issue 7 measures memory per idle
@@ -915,7 +902,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
             set_request_id(&mut parts.headers, &request_id);
             add_policy_headers(&mut parts.headers, &applied.response_headers_to_add);
             let resp = Response::from_parts(parts, Either::Left(body));
-            return complete(record, label, resp);
+            return outcome.complete(record, label, resp);
         }
         Ok(Err(e)) if is_length_limit(&e) => {
             return over_limit(Limit::BodyBytes, shared, record, &request_id, finish);
@@ -946,14 +933,65 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     finish(record, label, allowed, format!("{reason}; {message}"), resp)
 }
 
+/// How a request ends, inbound and outbound alike: the decision goes on
+/// its audit record, the record is written with the status sent, and the
+/// request is counted under its decision.
+pub(crate) struct Outcome<'a> {
+    pub(crate) requests: &'a crate::metrics::Requests,
+    pub(crate) policy_revision: &'a str,
+    pub(crate) dry_run: bool,
+}
+
+impl<'a> Outcome<'a> {
+    pub(crate) fn decide(
+        &self,
+        record: &mut audit::RequestRecord,
+        allowed: bool,
+        reason: &str,
+        cached: bool,
+    ) {
+        record.event.decision = Some(audit::Decision {
+            allowed,
+            reason: audit::redact_pans(reason).into_owned(),
+            policy_revision: self.policy_revision.to_owned(),
+            dry_run: self.dry_run,
+            cached,
+        });
+    }
+
+    /// Writes `record`, the decision already on it, and counts the request.
+    pub(crate) fn complete(
+        &self,
+        record: audit::RequestRecord,
+        decision: &str,
+        response: Response<Body>,
+    ) -> Response<Body> {
+        let status = response.status().as_u16();
+        let elapsed = record.finish(status);
+        self.requests
+            .record(decision, status, elapsed.as_secs_f64());
+        response
+    }
+
+    /// A guard to hold while the request is with the server (see
+    /// [`HangUp`]).
+    pub(crate) fn hang_up(&self, decision: &'static str, started: Instant) -> HangUp<'a> {
+        HangUp {
+            requests: self.requests,
+            decision,
+            started,
+        }
+    }
+}
+
 /// Counts a forwarded request whose caller hung up before the server
 /// answered: dropped with the request's future, it records the 499 its
 /// audit record's drop writes, under the decision that let it through.
 /// Forgotten once the server's answer (or failure) is in.
 pub(crate) struct HangUp<'a> {
-    pub(crate) requests: &'a crate::metrics::Requests,
-    pub(crate) decision: &'static str,
-    pub(crate) started: Instant,
+    requests: &'a crate::metrics::Requests,
+    decision: &'static str,
+    started: Instant,
 }
 
 impl Drop for HangUp<'_> {
