@@ -231,10 +231,6 @@ impl Metrics {
                 .inc(),
         }
     }
-
-    pub fn record_request(&self, decision: &str, status: u16, seconds: f64) {
-        self.requests.record(decision, status, seconds);
-    }
 }
 
 // === impl Outbound ===
@@ -413,8 +409,8 @@ mod tests {
     fn families_are_exposed_with_bounded_labels() {
         let registry = Registry::new();
         let m = Metrics::new(&registry).unwrap();
-        m.record_request("allow", 200, 0.001);
-        m.record_request("deny", 403, 0.001);
+        m.requests.record("allow", 200, 0.001);
+        m.requests.record("deny", 403, 0.001);
         let text = render(&registry).unwrap();
         assert!(text.contains(r#"portcullis_requests_total{decision="allow",status="2xx"} 1"#));
         assert!(text.contains(r#"portcullis_requests_total{decision="deny",status="4xx"} 1"#));

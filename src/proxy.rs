@@ -561,7 +561,8 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
     let Some(mut record) = shared.audit.reserve(event, started) else {
         shared
             .metrics
-            .record_request("error", 503, started.elapsed().as_secs_f64());
+            .requests
+            .record("error", 503, started.elapsed().as_secs_f64());
         return refuse_unaudited(&shared.audit, &request_id);
     };
 
