@@ -5,7 +5,8 @@
 //! process: the upstream itself over plain HTTP (`direct`, the limit);
 //! the real `portcullis` binary with the shipped policies and audit on a
 //! file; the same with audit on /dev/null; nginx and haproxy terminating
-//! mTLS, when installed. Modes: (a) closed-loop keep-alive throughput,
+//! mTLS, when installed; and `relay`, mTLS termination and a byte copy to
+//! the upstream with nothing else, the floor any proxy stands on. Modes: (a) closed-loop keep-alive throughput,
 //! (b) open-loop fixed-rate latency, at half of nginx's keep-alive rate
 //! and at half of Portcullis' own, (c) new connections, one request each;
 //! then the memory each target holds per idle keep-alive connection.
@@ -26,6 +27,7 @@
 mod load;
 mod peers;
 mod procstat;
+mod relay;
 mod report;
 mod targets;
 mod upstream;
@@ -43,6 +45,11 @@ const DECISION_CACHE: usize = 10_000;
 fn main() {
     if std::env::args().any(|a| a == upstream::FLAG) {
         upstream::serve();
+        return;
+    }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == relay::FLAG) {
+        relay::serve(&args[i + 1..]);
         return;
     }
     let options = Options::from_args();
@@ -98,6 +105,9 @@ fn main() {
         if wanted(name) {
             targets.extend(start(dir.path(), &certs, upstream_addr, options.workers));
         }
+    }
+    if wanted("relay") {
+        targets.extend(relay::start(&certs, upstream_addr, options.workers));
     }
 
     // The generator gets the same two worker threads as every target.

@@ -85,6 +85,24 @@ impl Target {
     }
 }
 
+/// Starts a child that prints the address it bound as its first line on
+/// stdout (the upstream and the relay, this binary re-executed).
+pub fn spawn_announcing(mut command: Command, what: &str) -> (Child, SocketAddr) {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start the {what}: {e}"));
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .unwrap_or_else(|e| panic!("the {what}'s address: {e}"));
+    let addr = line
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("the {what} prints its address, not {line:?}"));
+    (child, addr)
+}
+
 /// A child process stopped with SIGTERM on drop, so nginx takes its
 /// workers down with it (SIGKILL on the master would orphan them).
 pub struct Stopper(pub Child);

@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::targets::Stopper;
+use crate::targets::{spawn_announcing, Stopper};
 
 pub const FLAG: &str = "--upstream";
 
@@ -58,16 +58,8 @@ pub fn serve() {
 
 /// The parent's side: start the child and read its address.
 pub fn spawn() -> (Stopper, SocketAddr) {
-    let exe = std::env::current_exe().expect("own executable");
-    let mut child = Command::new(exe)
-        .arg(FLAG)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the upstream");
-    let stdout = child.stdout.take().expect("upstream stdout");
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
-        .expect("upstream address");
-    let addr = line.trim().parse().expect("upstream prints its address");
+    let mut command = Command::new(std::env::current_exe().expect("own executable"));
+    command.arg(FLAG);
+    let (child, addr) = spawn_announcing(command, "upstream");
     (Stopper(child), addr)
 }
