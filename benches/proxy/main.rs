@@ -100,7 +100,11 @@ fn main() {
     .into_iter()
     .flatten()
     .collect();
-    let peers: [(&str, peers::Start); 2] = [("nginx", peers::nginx), ("haproxy", peers::haproxy)];
+    let peers: [(&str, peers::Start); 3] = [
+        ("nginx", peers::nginx),
+        ("haproxy", peers::haproxy),
+        ("envoy", peers::envoy),
+    ];
     for (name, start) in peers {
         if wanted(name) {
             targets.extend(start(dir.path(), &certs, upstream_addr, options.workers));

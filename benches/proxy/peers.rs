@@ -143,6 +143,110 @@ backend service
     Some(target)
 }
 
+/// Envoy, the mesh sidecar, doing what Portcullis does short of policy and
+/// audit: the caller's SVID checked by its SPIFFE validator against the
+/// trust domain's bundle, an RBAC filter allowing the checkout workload to
+/// `GET /v1/payments/...` (the shipped policy's rule for this request), the
+/// verified identity forwarded in `x-forwarded-client-cert` with any the
+/// caller sent removed (`SANITIZE_SET`), and pooled keep-alive connections to
+/// the upstream. `--concurrency` gives it the same worker count, and it has
+/// no access log. Envoy also adds its own `x-request-id` to each request.
+pub fn envoy(dir: &Path, certs: &Certs, upstream: SocketAddr, workers: usize) -> Option<Target> {
+    let (exe, dir) = installed("envoy", dir)?;
+    let port = free_port();
+    let conf = format!(
+        r#"static_resources:
+  listeners:
+  - name: mtls
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            alpn_protocols: ["http/1.1"]
+            tls_certificates:
+            - certificate_chain: {{ filename: "{cert}" }}
+              private_key: {{ filename: "{key}" }}
+            validation_context:
+              custom_validator_config:
+                name: envoy.tls.cert_validator.spiffe
+                typed_config:
+                  "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig
+                  trust_domains:
+                  - name: "{trust_domain}"
+                    trust_bundle: {{ filename: "{bundle}" }}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          codec_type: HTTP1
+          forward_client_cert_details: SANITIZE_SET
+          set_current_client_cert_details: {{ uri: true }}
+          route_config:
+            virtual_hosts:
+            - name: service
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: service }}
+          http_filters:
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  checkout-reads-payments:
+                    permissions:
+                    - and_rules:
+                        rules:
+                        - header: {{ name: ":method", string_match: {{ exact: GET }} }}
+                        - url_path: {{ path: {{ prefix: /v1/payments/ }} }}
+                    principals:
+                    - authenticated:
+                        principal_name: {{ exact: "spiffe://{trust_domain}/ns/shop/sa/checkout" }}
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: service
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: service
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{ socket_address: {{ address: {ip}, port_value: {upstream_port} }} }}
+"#,
+        cert = certs.server_cert.display(),
+        key = certs.server_key.display(),
+        bundle = certs.set.bundle.display(),
+        trust_domain = certs.set.trust_domain,
+        ip = upstream.ip(),
+        upstream_port = upstream.port(),
+    );
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, conf).expect("write envoy.yaml");
+    let child = Command::new(exe)
+        .arg("-c")
+        .arg(&path)
+        .arg("--concurrency")
+        .arg(workers.to_string())
+        .arg("--disable-hot-restart")
+        .arg("--log-level")
+        .arg("warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("envoy.log")).expect("log"))
+        .spawn()
+        .expect("start envoy");
+    Target::started("envoy", child, SocketAddr::from(([127, 0, 0, 1], port)), 1)
+}
+
 /// The peer's executable and a fresh directory for its files, or `None`
 /// (said on stdout) when it is not installed.
 fn installed(name: &str, dir: &Path) -> Option<(PathBuf, PathBuf)> {

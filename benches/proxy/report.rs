@@ -163,7 +163,8 @@ fn mode_name(mode: Mode) -> &'static str {
 }
 
 /// Each metric, Portcullis (audit on) divided by the others, and
-/// Portcullis with the decision cache off against nginx.
+/// Portcullis with the decision cache off against nginx and against Envoy,
+/// whose RBAC filter also decides every request afresh.
 fn ratios(targets: &[Target], r: &Results) -> String {
     let columns = [
         (PORTCULLIS, "nginx"),
@@ -171,6 +172,8 @@ fn ratios(targets: &[Target], r: &Results) -> String {
         (PORTCULLIS, "direct"),
         (PORTCULLIS, AUDIT_OFF),
         (UNCACHED, "nginx"),
+        (PORTCULLIS, "envoy"),
+        (UNCACHED, "envoy"),
         (PORTCULLIS, RELAY),
     ];
     type Metric = fn(&Measured) -> f64;
@@ -192,8 +195,8 @@ fn ratios(targets: &[Target], r: &Results) -> String {
         ("peak RSS", Mode::NewConnections, |m| m.peak_rss as f64),
     ];
     let mut out = String::from(
-        "| metric | portcullis / nginx | portcullis / haproxy | portcullis / direct | audit on / audit off | uncached / nginx | portcullis / relay |\n\
-         |---|--:|--:|--:|--:|--:|--:|\n",
+        "| metric | portcullis / nginx | portcullis / haproxy | portcullis / direct | audit on / audit off | uncached / nginx | portcullis / envoy | uncached / envoy | portcullis / relay |\n\
+         |---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for (label, mode, metric) in rows {
         let _ = write!(out, "| {label} |");

@@ -273,11 +273,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `name` on PATH or in the sbin directories Debian installs daemons to.
+/// `name` on PATH, in the sbin directories Debian installs daemons to, or
+/// in the virtualenv `scripts/bench.sh` installs a pip-packaged peer into
+/// (`target/peers/NAME`: Envoy).
 pub fn find_exe(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/peers")
+        .join(name)
+        .join("bin");
     std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .chain(["/usr/sbin".into(), "/sbin".into(), venv])
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
