@@ -5,8 +5,9 @@
 //! process: the upstream itself over plain HTTP (`direct`, the limit);
 //! the real `portcullis` binary with the shipped policies and audit on a
 //! file; the same with audit on /dev/null; nginx and haproxy terminating
-//! mTLS, when installed; and `relay`, mTLS termination and a byte copy to
-//! the upstream with nothing else, the floor any proxy stands on. Modes: (a) closed-loop keep-alive throughput,
+//! mTLS and Envoy also authorizing (RBAC), when installed; and `relay`,
+//! mTLS termination and a byte copy to the upstream with nothing else, the
+//! floor any proxy stands on. Modes: (a) closed-loop keep-alive throughput,
 //! (b) open-loop fixed-rate latency, at half of nginx's keep-alive rate
 //! and at half of Portcullis' own, (c) new connections, one request each;
 //! then the memory each target holds per idle keep-alive connection.
