@@ -104,6 +104,20 @@ impl Client {
     }
 
     async fn request(sender: &mut Sender) -> Result<(), Error> {
+        let status = Self::send(sender).await?;
+        if status != http::StatusCode::OK {
+            return Err(format!("status {status}").into());
+        }
+        Ok(())
+    }
+
+    /// The status of one request for the bench's path on a fresh
+    /// connection.
+    pub async fn status(&self) -> Result<http::StatusCode, Error> {
+        Self::send(&mut self.connect().await?).await
+    }
+
+    async fn send(sender: &mut Sender) -> Result<http::StatusCode, Error> {
         let req = http::Request::get(PATH)
             .header(http::header::HOST, "localhost")
             .body(Empty::new())?;
@@ -111,10 +125,7 @@ impl Client {
         let resp = sender.send_request(req).await?;
         let status = resp.status();
         resp.into_body().collect().await?;
-        if status != http::StatusCode::OK {
-            return Err(format!("status {status}").into());
-        }
-        Ok(())
+        Ok(status)
     }
 
     async fn connections(&self, n: usize) -> Vec<Sender> {

@@ -303,6 +303,7 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
         .map(|t| Client::new(t.addr, t.tls.then(|| fresh_tls.clone())))
         .collect();
     let generator = ProcTree::single(std::process::id());
+    check_roles(targets, certs, &keep_alive).await;
 
     let mut measured = Vec::new();
     let mut offered = Vec::new();
@@ -376,6 +377,41 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
         measured,
         idle,
         offered,
+    }
+}
+
+/// Refuses to measure a target that does not do the work the report says
+/// it does. Every target must answer the bench's request with a 200. The
+/// ones that authorize (Portcullis, Envoy's RBAC) must refuse it to the
+/// reporting workload, whose SVID chains to the same bundle but which the
+/// shipped policy does not let read payments. The ones that only verify
+/// the chain (nginx, haproxy, the relay) must let it through. A peer set up
+/// wrongly would otherwise be measured doing less than it claims.
+async fn check_roles(targets: &[Target], certs: &Certs, clients: &[Client]) {
+    let other = portcullis::demo::client_for(&certs.set, "reporting", &[b"http/1.1"])
+        .expect("reporting SVID config");
+    for (target, client) in targets.iter().zip(clients) {
+        let allowed = client.status().await;
+        assert!(
+            matches!(allowed, Ok(http::StatusCode::OK)),
+            "{}: the bench's request got {allowed:?}, not a 200",
+            target.name
+        );
+        if !target.tls {
+            continue;
+        }
+        let denied = Client::new(target.addr, Some(other.clone())).status().await;
+        let authorizes = target.name.starts_with("portcullis") || target.name == "envoy";
+        let want = if authorizes {
+            http::StatusCode::FORBIDDEN
+        } else {
+            http::StatusCode::OK
+        };
+        assert!(
+            matches!(&denied, Ok(status) if *status == want),
+            "{}: the reporting workload's request got {denied:?}, expected {want}",
+            target.name
+        );
     }
 }
 
