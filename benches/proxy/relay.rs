@@ -6,8 +6,9 @@
 //!
 //! What it adds over `direct` is the price of the hop itself on this
 //! machine: the TLS records, a second loopback connection and the wake-ups
-//! of a process in between. No proxy can add less, so where this target
-//! misses a latency goal, the goal is out of reach here for every proxy.
+//! of a process in between. A proxy that terminates TLS in user space and
+//! opens a second connection cannot add less, so where this target misses
+//! a latency goal, the goal is out of reach here for every such proxy.
 //!
 //! It runs as a child process (this bench binary re-executed with
 //! `--relay`), like the upstream, so its CPU time is counted on its own.
