@@ -18,10 +18,10 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::targets::{spawn_announcing, Certs, Target};
+use crate::targets::{bind_announced, spawn_announcing, Certs, Target};
 
 pub const FLAG: &str = "--relay";
 
@@ -44,10 +44,7 @@ pub fn serve(args: &[String]) {
         .build()
         .expect("relay runtime");
     rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        println!("{addr}");
-        std::io::Write::flush(&mut std::io::stdout()).expect("stdout");
+        let listener = bind_announced().await;
         loop {
             // Out of descriptors in the idle mode: the client's connect
             // waits in the queue and gives up; the relay goes on.

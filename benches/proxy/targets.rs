@@ -103,6 +103,18 @@ pub fn spawn_announcing(mut command: Command, what: &str) -> (Child, SocketAddr)
     (child, addr)
 }
 
+/// The child's side of [`spawn_announcing`]: binds a loopback port and
+/// prints its address as the first line on stdout.
+pub async fn bind_announced() -> tokio::net::TcpListener {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    println!("{addr}");
+    std::io::Write::flush(&mut std::io::stdout()).expect("stdout");
+    listener
+}
+
 /// A child process stopped with SIGTERM on drop, so nginx takes its
 /// workers down with it (SIGKILL on the master would orphan them).
 pub struct Stopper(pub Child);

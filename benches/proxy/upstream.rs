@@ -6,7 +6,6 @@
 //! load generator's runtime does not share threads with it.
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::process::Command;
 
@@ -14,9 +13,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
-use crate::targets::{spawn_announcing, Stopper};
+use crate::targets::{bind_announced, spawn_announcing, Stopper};
 
 pub const FLAG: &str = "--upstream";
 
@@ -30,10 +28,7 @@ pub fn serve() {
         .build()
         .expect("upstream runtime");
     rt.block_on(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
-        println!("{addr}");
-        std::io::stdout().flush().expect("stdout");
+        let listener = bind_announced().await;
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
