@@ -259,6 +259,14 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // A resumed session skips the client's certificate: the caller would
+    // keep the identity of an SVID since expired, or issued under a CA since
+    // removed from the bundle, for as long as the session lived. No session
+    // is kept (TLS 1.2) and no ticket sent (TLS 1.3), so every connection is
+    // a full handshake through the verifier; it also saves writing two
+    // tickets per handshake that callers which do not resume throw away.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
 }
 
@@ -438,6 +446,15 @@ mod tests {
             cfg.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         );
+    }
+
+    #[test]
+    fn server_config_keeps_no_session_and_sends_no_ticket() {
+        let p = pki();
+        let cfg = server_config(p.server.chain(), p.server.key_der(), p.bundles).unwrap();
+        assert_eq!(cfg.send_tls13_tickets, 0);
+        assert!(!cfg.session_storage.can_cache());
+        assert!(!cfg.ticketer.enabled());
     }
 
     /// Accepts one connection; returns the server-side outcome.

@@ -904,3 +904,49 @@ async fn idle_keep_alive_connections_are_closed_and_active_ones_kept() {
     assert_eq!(closed("header_timeout"), 0);
     assert_eq!(h.service.received().len(), 14);
 }
+
+/// A resumed TLS session skips the client's certificate: the sidecar would
+/// go on trusting an SVID issued under a CA since removed from the bundle,
+/// or one that has expired, for as long as the session lived. So no session
+/// is ever resumed, whatever the client offers.
+#[tokio::test]
+async fn no_tls_session_is_resumed_and_every_connection_is_verified() {
+    use std::sync::Arc;
+    let mut h = Harness::start().await;
+    let versions: [&[&rustls::SupportedProtocolVersion]; 2] =
+        [&[&rustls::version::TLS13], &[&rustls::version::TLS12]];
+    for versions in versions {
+        let issued = h.pki.ca.issue(&LeafSpec::svid(CHECKOUT)).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(h.pki.ca.cert_der()).unwrap();
+        // rustls' default client keeps sessions and offers them again.
+        let mut client =
+            rustls::ClientConfig::builder_with_provider(portcullis::tls::crypto_provider())
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(issued.chain(), issued.key_der())
+                .unwrap();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let client = Arc::new(client);
+        // A whole exchange, so that any ticket the server sends is read.
+        let reply = h
+            .call(client.clone(), "GET", "/v1/payments/pay_1001", &[])
+            .await
+            .unwrap();
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        let second = connect_tls(h.running().inbound_addr, client).await;
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full),
+            "{versions:?}"
+        );
+    }
+    // The client's certificate was verified on all four connections.
+    let text = h.scrape().await;
+    assert_eq!(
+        sample(&text, r#"portcullis_tls_handshakes_total{result="ok"}"#),
+        4.0
+    );
+    h.stop().await;
+}
