@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use load::{Client, Sample};
-use procstat::ProcTree;
+use procstat::{machine_ticks, ProcTree};
 use targets::{Certs, Target};
 
 /// The default size of `policy.decision_cache`.
@@ -121,7 +121,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let results = rt.block_on(run(&options, &targets, &certs));
+    let upstream_procs = ProcTree::single(upstream.id());
+    let results = rt.block_on(run(&options, &targets, &certs, &upstream_procs));
     let report = report::markdown(&options, &machine, &targets, &results);
     println!("{report}");
     if let Some(parent) = options.out.parent() {
@@ -270,6 +271,13 @@ pub struct Measured {
     /// What the load generator itself spent meanwhile: it shares the two
     /// cores with the target, so a costly client handshake caps the rate.
     pub generator_cpu: Duration,
+    /// What the shared upstream spent meanwhile.
+    pub upstream_cpu: Duration,
+    /// The machine's idle and total CPU ticks over the measured windows:
+    /// a target that leaves cores idle in a closed loop loses rate even at
+    /// the same CPU per request.
+    pub machine_idle: u64,
+    pub machine_total: u64,
     /// `VmHWM` once this mode's rounds are done.
     pub peak_rss: u64,
 }
@@ -290,7 +298,7 @@ pub struct Results {
     pub offered: Vec<(Mode, f64)>,
 }
 
-async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
+async fn run(options: &Options, targets: &[Target], certs: &Certs, upstream: &ProcTree) -> Results {
     let tls = portcullis::demo::client_for(&certs.set, "checkout", &[b"http/1.1"])
         .expect("client SVID config");
     let fresh_tls = load::without_resumption(&tls);
@@ -331,6 +339,9 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
                 rates: Vec::new(),
                 cpu: Duration::ZERO,
                 generator_cpu: Duration::ZERO,
+                upstream_cpu: Duration::ZERO,
+                machine_idle: 0,
+                machine_total: 0,
                 peak_rss: 0,
             })
             .collect();
@@ -348,9 +359,17 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs) -> Results {
                     measure(options, mode, client, rate, options.duration() / 5).await;
                 }
                 let (cpu_before, generator_before) = (targets[i].procs.cpu(), generator.cpu());
+                let (upstream_before, machine_before) = (upstream.cpu(), machine_ticks());
                 let sample = measure(options, mode, client, rate, options.duration()).await;
                 now[i].cpu += targets[i].procs.cpu().saturating_sub(cpu_before);
                 now[i].generator_cpu += generator.cpu().saturating_sub(generator_before);
+                now[i].upstream_cpu += upstream.cpu().saturating_sub(upstream_before);
+                if let (Some((idle0, total0)), Some((idle1, total1))) =
+                    (machine_before, machine_ticks())
+                {
+                    now[i].machine_idle += idle1.saturating_sub(idle0);
+                    now[i].machine_total += total1.saturating_sub(total0);
+                }
                 now[i].rates.push(sample.rate());
                 println!(
                     "  round {round} {:<22} {:>9.0} req/s {:>5} errors",

@@ -71,6 +71,22 @@ impl ProcTree {
     }
 }
 
+/// The whole machine's idle and total CPU time so far, in clock ticks
+/// summed over CPUs (the first line of /proc/stat; idle includes iowait).
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let fields: Vec<u64> = cpu
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal; guest time is
+    // already inside user and nice.
+    let idle = fields.get(3)? + fields.get(4)?;
+    let total = fields.iter().take(8).sum();
+    Some((idle, total))
+}
+
 /// Fields after the command name, which is in parentheses and may itself
 /// contain spaces or parentheses.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {

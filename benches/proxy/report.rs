@@ -129,14 +129,14 @@ pub fn markdown(options: &Options, machine: &Machine, targets: &[Target], r: &Re
 
 fn table(targets: &[Target], r: &Results) -> String {
     let mut out = String::from(
-        "| target | mode | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | generator CPU s / 10k req | idle RSS MB | peak RSS MB | errors |\n\
-         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+        "| target | mode | req/s | p50 ms | p99 ms | p99.9 ms | CPU s / 10k req | generator CPU s / 10k req | upstream CPU s / 10k req | machine idle % | idle RSS MB | peak RSS MB | errors |\n\
+         |---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for m in &r.measured {
         let t = &targets[m.target];
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {} |",
             t.name,
             mode_name(m.mode),
             median(&m.rates),
@@ -145,6 +145,8 @@ fn table(targets: &[Target], r: &Results) -> String {
             percentile_ms(m, 99.9),
             cpu_per_10k(m),
             per_10k(m.generator_cpu, m),
+            per_10k(m.upstream_cpu, m),
+            100.0 * m.machine_idle as f64 / m.machine_total.max(1) as f64,
             mb(t.idle_rss),
             mb(m.peak_rss),
             m.total.errors,
