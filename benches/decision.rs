@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, Criterion};
 use http::{HeaderMap, HeaderValue};
-use portcullis::policy::{build_input, EvaluatorMode, PolicySnapshot, RequestFacts};
+use portcullis::policy::{build_input, EvaluatorMode, InputHeaders, PolicySnapshot, RequestFacts};
 
 const QUERY: &str = "data.portcullis.authz.allow";
 
@@ -74,7 +74,7 @@ fn facts<'a>(h: &'a HeaderMap, caller: &'a str, caller_path: &'a str) -> Request
         host: "payments.pay.svc",
         scheme: "https",
         protocol: "HTTP/2",
-        headers: h,
+        headers: InputHeaders::all(h),
         source_spiffe_id: caller,
         source_trust_domain: "pay.example",
         source_path: caller_path,

@@ -34,7 +34,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
-use portcullis::policy::{build_input, Decision, EvaluatorMode, PolicySnapshot, RequestFacts};
+use portcullis::policy::{
+    build_input, Decision, EvaluatorMode, InputHeaders, PolicySnapshot, RequestFacts,
+};
 use regorus::languages::rego::compiler::Compiler;
 use regorus::rvm::program::Program;
 use regorus::rvm::vm::RegoVM;
@@ -155,7 +157,7 @@ fn inputs() -> Vec<Value> {
                 host: "payments.pay.svc",
                 scheme: "https",
                 protocol: "HTTP/2",
-                headers: &h,
+                headers: InputHeaders::all(&h),
                 source_spiffe_id: &id,
                 source_trust_domain: "pay.example",
                 source_path: &id_path,
@@ -289,7 +291,7 @@ fn time_build_input(quick: bool) -> u128 {
                 host: "payments",
                 scheme: "https",
                 protocol: "HTTP/2",
-                headers: black_box(&h),
+                headers: InputHeaders::all(black_box(&h)),
                 source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
                 source_trust_domain: "pay.example",
                 source_path: "/ns/shop/sa/checkout",

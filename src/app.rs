@@ -93,7 +93,8 @@ fn load_policy(config: &Config) -> Result<PolicySnapshot, policy::Error> {
         config.policy.require_tests_pass,
         config.policy.evaluator,
     )?
-    .with_egress_query(config.policy.egress_query.as_deref())
+    .with_egress_query(config.policy.egress_query.as_deref())?
+    .with_input_headers(config.policy.input_header_list().map(Arc::new))
     .map(|p| p.with_decision_cache(config.policy.decision_cache_capacity()))
 }
 

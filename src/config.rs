@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::HeaderAllowlist;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read config file {path}: {source}")]
@@ -247,6 +249,12 @@ pub struct Policy {
     /// Only policies whose decisions cannot depend on per-request fields
     /// are cached (docs/policies.md, "Decision cache").
     pub decision_cache: u64,
+    /// The request headers the policy is shown, as Envoy ext_authz's
+    /// `allowed_headers`; unset shows every one. Set it when callers send
+    /// a header unique to each request (a trace id) that the policy never
+    /// needs: the decision cache then keys on the listed headers only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_headers: Option<Vec<String>>,
 }
 
 /// Above this `policy.decision_cache` is refused: each entry holds a key
@@ -259,6 +267,16 @@ impl Policy {
     /// bounded it.
     pub fn decision_cache_capacity(&self) -> usize {
         usize::try_from(self.decision_cache.min(MAX_DECISION_CACHE)).unwrap_or(usize::MAX)
+    }
+
+    /// `input_headers` as the policy takes it, names lowercased as the
+    /// input document has them; [`Config::validate`] has refused a name
+    /// that is not a header name.
+    pub fn input_header_list(&self) -> Option<HeaderAllowlist> {
+        let names = self.input_headers.as_ref()?;
+        Some(HeaderAllowlist::new(names.iter().filter_map(|n| {
+            http::HeaderName::from_bytes(n.as_bytes()).ok()
+        })))
     }
 }
 
@@ -275,6 +293,7 @@ impl Default for Policy {
             evaluator: crate::policy::EvaluatorMode::Auto,
             egress_query: None,
             decision_cache: crate::policy::cache::DEFAULT_CAPACITY as u64,
+            input_headers: None,
         }
     }
 }
@@ -577,6 +596,14 @@ impl Config {
                 return Err(Error::Invalid {
                     key: key.into(),
                     message: format!("{value} is more than the maximum of {max} ({zero})"),
+                });
+            }
+        }
+        for name in self.policy.input_headers.iter().flatten() {
+            if let Err(e) = http::HeaderName::from_bytes(name.as_bytes()) {
+                return Err(Error::Invalid {
+                    key: "policy.input_headers".into(),
+                    message: format!("{name:?} is not a header name: {e}"),
                 });
             }
         }
@@ -1018,6 +1045,30 @@ mod tests {
         assert_eq!(
             c.policy.decision_cache_capacity(),
             usize::try_from(MAX_DECISION_CACHE).unwrap()
+        );
+    }
+
+    #[test]
+    fn input_headers_are_unset_by_default_lowercased_and_checked() {
+        assert_eq!(Config::default().policy.input_header_list(), None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[policy]\ninput_headers = [\"Idempotency-Key\", \"content-type\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(&path, &|_| None, &[]).unwrap();
+        let list = c.policy.input_header_list().unwrap();
+        let names: Vec<&str> = list.names().iter().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["content-type", "idempotency-key"]);
+
+        let mut c = Config::default();
+        c.policy.input_headers = Some(vec!["content-type".into(), "bad header".into()]);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("policy.input_headers") && err.contains("\"bad header\""),
+            "{err}"
         );
     }
 

@@ -164,6 +164,10 @@ struct InputArgs {
     /// A request header, `name: value`; repeatable.
     #[arg(long = "header", short = 'H')]
     headers: Vec<String>,
+    /// Show the policy only this header, as `policy.input_headers` does;
+    /// repeatable. Without it every header is shown.
+    #[arg(long = "input-header", value_name = "NAME")]
+    input_headers: Vec<String>,
     /// The caller's SPIFFE ID, as its certificate would prove it.
     #[arg(long, default_value = "spiffe://pay.example/ns/shop/sa/checkout")]
     spiffe_id: String,
@@ -410,6 +414,14 @@ fn print_input(args: InputArgs) -> anyhow::Result<ExitCode> {
     // As on the data path: the caller cannot choose the identity headers.
     headers.remove(portcullis::proxy::XFCC);
     headers.remove(portcullis::proxy::X_SPIFFE_ID);
+    let mut only = Vec::new();
+    for name in &args.input_headers {
+        only.push(
+            http::HeaderName::from_bytes(name.as_bytes())
+                .with_context(|| format!("--input-header {name:?}: not a header name"))?,
+        );
+    }
+    let only = (!only.is_empty()).then(|| policy::HeaderAllowlist::new(only));
     let facts = policy::RequestFacts {
         request_id: "00000000-0000-0000-0000-000000000000",
         method: &args.method,
@@ -418,7 +430,7 @@ fn print_input(args: InputArgs) -> anyhow::Result<ExitCode> {
         host: &args.host,
         scheme: "https",
         protocol: &args.protocol,
-        headers: &headers,
+        headers: policy::InputHeaders::new(&headers, only.as_ref()),
         source_spiffe_id: id.as_str(),
         source_trust_domain: id.trust_domain(),
         source_path: id.path(),

@@ -299,7 +299,7 @@ async fn handle_request(
         host: &route.spec.host,
         scheme: "http",
         protocol,
-        headers: &parts.headers,
+        headers: policy.input_headers(&parts.headers),
         source_spiffe_id: identity.spiffe_id.as_str(),
         source_trust_domain: identity.spiffe_id.trust_domain(),
         source_path: identity.spiffe_id.path(),

@@ -20,7 +20,7 @@ pub mod testing;
 
 pub use cache::{CacheUse, DecisionCache};
 pub use decision::Decision;
-pub use input::{build_input, build_input_json, RequestFacts};
+pub use input::{build_input, build_input_json, HeaderAllowlist, InputHeaders, RequestFacts};
 pub use rvm::EvaluatorMode;
 pub use testing::{run_tests, TestReport, TestResult};
 
@@ -69,6 +69,14 @@ pub enum Error {
         total: usize,
         failures: String,
     },
+    /// A header read by name that `policy.input_headers` does not list
+    /// would always look absent to the policy: refused rather than left to
+    /// deny (or allow) requests in a way its tests never showed.
+    #[error(
+        "the policy reads {path}, but policy.input_headers does not list {header:?}, \
+         so the policy would never see it: add it to the list or stop reading it"
+    )]
+    HeaderNotShown { header: String, path: String },
     #[error("invalid policy decision: field `{field}`: {message}")]
     Decision {
         field: &'static str,
@@ -111,6 +119,9 @@ pub struct PolicySnapshot {
     /// cannot tell apart (see `cache`). Owned by the snapshot, so a reload
     /// starts empty and can never serve the old policy's decisions.
     decision_cache: Arc<DecisionCache>,
+    /// The headers the policy is shown (`policy.input_headers`); `None`
+    /// shows every one.
+    input_headers: Option<Arc<HeaderAllowlist>>,
 }
 
 impl PolicySnapshot {
@@ -198,6 +209,7 @@ impl PolicySnapshot {
             engine,
             rvm: choice.rvm.map(Arc::new),
             decision_cache: DecisionCache::new(analysis, cache::DEFAULT_CAPACITY),
+            input_headers: None,
         })
     }
 
@@ -210,6 +222,41 @@ impl PolicySnapshot {
 
     pub fn decision_cache(&self) -> &DecisionCache {
         &self.decision_cache
+    }
+
+    /// Shows the policy only the headers `only` names (`None`: every one).
+    /// Refused when the policy reads, by a name written in its source, a
+    /// header the list leaves out. A name it takes from data or computes
+    /// cannot be checked here; its tests should cover it.
+    pub fn with_input_headers(mut self, only: Option<Arc<HeaderAllowlist>>) -> Result<Self, Error> {
+        if let Some(list) = &only {
+            const HEADERS: &[&str] = &["input", "attributes", "request", "http", "headers"];
+            for read in &self.decision_cache.analysis().reads {
+                let under = read.len() > HEADERS.len()
+                    && read.iter().zip(HEADERS).all(|(segment, h)| segment == h);
+                let Some(header) = read.get(HEADERS.len()).filter(|_| under) else {
+                    continue;
+                };
+                if !list.contains(header) {
+                    return Err(Error::HeaderNotShown {
+                        header: header.clone(),
+                        path: cache::display_path(read),
+                    });
+                }
+            }
+        }
+        self.input_headers = only;
+        Ok(self)
+    }
+
+    /// `map` as this snapshot shows it to the policy.
+    pub fn input_headers<'a>(&'a self, map: &'a http::HeaderMap) -> InputHeaders<'a> {
+        InputHeaders::new(map, self.input_headers.as_deref())
+    }
+
+    /// The list `policy.input_headers` set, kept across reloads.
+    pub fn input_header_list(&self) -> Option<&Arc<HeaderAllowlist>> {
+        self.input_headers.as_ref()
     }
 
     /// Adds the outbound decision rule, refused like `query` when the set
@@ -529,6 +576,54 @@ mod tests {
     fn snapshot_is_send_and_sync() {
         fn check<T: Send + Sync + 'static>() {}
         check::<PolicySnapshot>();
+    }
+
+    #[test]
+    fn an_allowlist_refuses_a_policy_reading_a_header_it_leaves_out() {
+        let reads = |header_read: &str| {
+            format!(
+                "package t\nimport rego.v1\ndefault allow := false\n\
+                 allow if {header_read} == \"a\"\n"
+            )
+        };
+        let list = |names: &[&'static str]| {
+            Some(Arc::new(HeaderAllowlist::new(
+                names.iter().map(|n| http::HeaderName::from_static(n)),
+            )))
+        };
+        let load = |text: &str| {
+            let dir = dir_with(&[("a.rego", text)]);
+            PolicySnapshot::load(dir.path(), "data.t.allow", TIMEOUT).unwrap()
+        };
+        let by_name = load(&reads(
+            r#"input.attributes.request.http.headers["x-tenant"]"#,
+        ));
+        let err = by_name
+            .clone()
+            .with_input_headers(list(&["idempotency-key"]))
+            .unwrap_err();
+        assert!(matches!(&err, Error::HeaderNotShown { header, .. } if header == "x-tenant"));
+        let text = err.to_string();
+        assert!(
+            text.contains(r#"input.attributes.request.http.headers["x-tenant"]"#)
+                && text.contains("policy.input_headers"),
+            "{text}"
+        );
+        // Listed, or no list at all: loaded.
+        let listed = by_name
+            .clone()
+            .with_input_headers(list(&["x-tenant"]))
+            .unwrap();
+        assert!(listed.input_header_list().is_some());
+        assert!(by_name.with_input_headers(None).is_ok());
+        // A name the policy takes from elsewhere cannot be checked, and is
+        // not refused; neither is a read of some other field.
+        let dynamic = load(&reads(
+            "input.attributes.request.http.headers[input.attributes.request.http.method]",
+        ));
+        assert!(dynamic.with_input_headers(list(&[])).is_ok());
+        let method = load(&reads("input.attributes.request.http.method"));
+        assert!(method.with_input_headers(list(&[])).is_ok());
     }
 
     #[test]

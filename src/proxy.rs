@@ -707,7 +707,7 @@ async fn handle_request(req: Request<Incoming>, ctx: &ConnCtx, shared: &Shared) 
         host: &host,
         scheme: "https",
         protocol: ctx.protocol,
-        headers: &parts.headers,
+        headers: policy.input_headers(&parts.headers),
         source_spiffe_id: ctx.peer.spiffe_id.as_str(),
         source_trust_domain: ctx.peer.spiffe_id.trust_domain(),
         source_path: ctx.peer.spiffe_id.path(),

@@ -309,6 +309,50 @@ async fn config_check_names_the_problem() {
 }
 
 #[tokio::test]
+async fn config_check_refuses_a_policy_reading_a_header_input_headers_leaves_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dev_certs(dir.path()).await;
+    let path = write_config(dir.path(), &certs, "http://127.0.0.1:8080", "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let with = |policy_dir: &Path| {
+        let dir_line = format!("dir = \"{}\"", policies().display());
+        std::fs::write(
+            &path,
+            text.replace(
+                &dir_line,
+                &format!(
+                    "dir = \"{}\"\ninput_headers = [\"idempotency-key\"]",
+                    policy_dir.display()
+                ),
+            ),
+        )
+        .unwrap();
+    };
+    let check =
+        || async { portcullis(&["config", "check", "--config", path.to_str().unwrap()]).await };
+
+    // The shipped policy takes the header names it needs from data: loaded.
+    with(&policies());
+    let (ok, out, err) = check().await;
+    assert!(ok && out.contains("config ok"), "{err}");
+
+    let tenant = dir.path().join("tenant");
+    std::fs::create_dir(&tenant).unwrap();
+    std::fs::write(
+        tenant.join("authz.rego"),
+        "package portcullis.authz\nimport rego.v1\ndefault allow := false\n\
+         allow if input.attributes.request.http.headers[\"x-tenant\"] == \"shop\"\n",
+    )
+    .unwrap();
+    with(&tenant);
+    let (ok, _, err) = check().await;
+    assert!(
+        !ok && err.contains("x-tenant") && err.contains("policy.input_headers"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn config_check_reports_outbound_and_names_a_bad_route() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dev_certs(dir.path()).await;
@@ -494,4 +538,25 @@ async fn policy_input_then_eval_from_stdin() {
 
     let (ok, _, err) = portcullis(&["policy", "input", "--path", "/a/%2F/b"]).await;
     assert!(!ok && err.contains("400"), "{err}");
+
+    // As the sidecar shows them under `policy.input_headers`.
+    let (ok, input, err) = portcullis(&[
+        "policy",
+        "input",
+        "-H",
+        "Idempotency-Key: k-1",
+        "-H",
+        "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "--input-header",
+        "idempotency-key",
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let doc: serde_json::Value = serde_json::from_str(&input).unwrap();
+    assert_eq!(
+        doc["attributes"]["request"]["http"]["headers"],
+        serde_json::json!({"idempotency-key": "k-1"})
+    );
+    let (ok, _, err) = portcullis(&["policy", "input", "--input-header", "a b"]).await;
+    assert!(!ok && err.contains("--input-header"), "{err}");
 }

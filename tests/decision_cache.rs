@@ -107,6 +107,59 @@ async fn decision_cache_zero_turns_it_off() {
     assert_eq!(config["policy"]["decision_cache"], 0, "{body}");
 }
 
+#[tokio::test]
+async fn with_input_headers_a_trace_id_does_not_defeat_the_cache() {
+    let mut h = Harness::start_with(&shipped_policy(), |c| {
+        c.policy.input_headers = Some(vec!["Idempotency-Key".into()]);
+    })
+    .await;
+    let client = h.pki.client(CHECKOUT);
+    let post = |trace: &'static str, key: Option<&'static str>| {
+        let client = client.clone();
+        let h = &h;
+        async move {
+            let mut headers = vec![("traceparent", trace)];
+            headers.extend(key.map(|k| ("idempotency-key", k)));
+            h.call(client, "POST", "/v1/payments", &headers)
+                .await
+                .unwrap()
+        }
+    };
+    const T1: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const T2: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const T3: &str = "00-5cf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    assert_eq!(post(T1, Some("k-1")).await.status, 200);
+    // Another trace id only: the same request to the policy.
+    assert_eq!(post(T2, Some("k-1")).await.status, 200);
+    // The listed header is still the policy's to read.
+    let missing = post(T3, None).await;
+    assert_eq!(missing.status, 400, "{:?}", missing.body);
+
+    let metrics = h.scrape().await;
+    assert_eq!(sample(&metrics, HIT), 1.0, "{metrics}");
+    assert_eq!(sample(&metrics, MISS), 2.0, "{metrics}");
+    // The list limits what the policy sees, not what the service gets.
+    let received = h.service.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].headers["traceparent"], T2);
+    let (_, body) = admin_get(h.running().admin_addr, "/config").await;
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        config["policy"]["input_headers"],
+        serde_json::json!(["Idempotency-Key"]),
+        "{body}"
+    );
+
+    let events = h.stop().await;
+    let reqs = requests(&events);
+    let cached: Vec<bool> = reqs
+        .iter()
+        .map(|e| e["decision"].get("cached").is_some())
+        .collect();
+    assert_eq!(cached, [false, true, false]);
+    assert_eq!(reqs[2]["response"]["status"], 400);
+}
+
 /// The same allowed request twice, on fresh connections.
 async fn get_twice_ok(h: &Harness, client: &std::sync::Arc<rustls::ClientConfig>, path: &str) {
     for _ in 0..2 {

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderValue};
 use portcullis::policy::{
-    build_input, run_tests, CacheUse, Decision, EvaluatorMode, PolicySnapshot, RequestFacts,
+    build_input, run_tests, CacheUse, Decision, EvaluatorMode, InputHeaders, PolicySnapshot,
+    RequestFacts,
 };
 use proptest::prelude::*;
 
@@ -40,7 +41,7 @@ fn decide(
         host: "payments",
         scheme: "https",
         protocol: "HTTP/2",
-        headers,
+        headers: InputHeaders::all(headers),
         source_spiffe_id: spiffe_id,
         source_trust_domain: trust_domain,
         source_path: id_path,
@@ -328,7 +329,7 @@ impl<'a> Req<'a> {
             host: "payments",
             scheme: "https",
             protocol: "HTTP/2",
-            headers: self.headers,
+            headers: InputHeaders::all(self.headers),
             source_spiffe_id: self.caller,
             source_trust_domain: trust_domain,
             source_path: id_path,

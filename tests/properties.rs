@@ -246,7 +246,7 @@ mod input {
                 host: &host,
                 scheme: "https",
                 protocol: "HTTP/2",
-                headers: &headers,
+                headers: portcullis::policy::InputHeaders::all(&headers),
                 source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
                 source_trust_domain: "pay.example",
                 source_path: "/ns/shop/sa/checkout",

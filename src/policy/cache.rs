@@ -281,9 +281,9 @@ impl DecisionCache {
                     key.push(b's');
                     push_str(&mut key, s);
                 }
-                Field::Headers(map) if depth == path.len() => {
+                Field::Headers(shown) if depth == path.len() => {
                     key.push(b'V');
-                    encode_headers(map, &mut key);
+                    encode_headers(&shown, &mut key);
                 }
                 // The bytes `encode_value` writes for these values, written
                 // from the path and query without making the values: on a
@@ -429,16 +429,15 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
 
 /// What [`encode_value`] writes for the document's header object: names
 /// in the object's (byte) order, each value as the document has it.
-fn encode_headers(map: &http::HeaderMap, out: &mut Vec<u8>) {
-    let mut names: Vec<&http::HeaderName> = map.keys().collect();
-    names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+fn encode_headers(shown: &input::InputHeaders, out: &mut Vec<u8>) {
+    let names = shown.names();
     out.push(b'o');
     push_len(out, names.len());
     for name in names {
         out.push(b's');
         push_str(out, name.as_str());
         out.push(b's');
-        push_str(out, &input::header_value(map, name));
+        push_str(out, &shown.value(name));
     }
 }
 
@@ -1217,7 +1216,7 @@ mod tests {
             host: "payments",
             scheme: "https",
             protocol: "HTTP/1.1",
-            headers,
+            headers: input::InputHeaders::all(headers),
             source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
             source_trust_domain: "pay.example",
             source_path: "/ns/shop/sa/checkout",
@@ -1447,6 +1446,72 @@ mod tests {
         assert!(
             allowed >= 10 && denied >= 100,
             "{allowed} allowed, {denied} denied"
+        );
+    }
+
+    /// With `policy.input_headers` the key holds the listed headers only:
+    /// a request that differs in another (a trace id) is the same request
+    /// to the policy and hits; one that differs in a listed header misses,
+    /// and both decide as the whole, filtered document does.
+    #[test]
+    fn with_an_allowlist_unlisted_headers_neither_key_nor_decide() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let only = std::sync::Arc::new(input::HeaderAllowlist::new([
+            http::HeaderName::from_static("idempotency-key"),
+        ]));
+        let snap =
+            PolicySnapshot::load(&dir, "data.portcullis.authz.allow", Duration::from_secs(5))
+                .unwrap()
+                .with_input_headers(Some(only))
+                .unwrap();
+        let traced = |trace: &'static str, key: Option<&'static str>| {
+            let mut h = http::HeaderMap::new();
+            h.insert("traceparent", http::HeaderValue::from_static(trace));
+            if let Some(k) = key {
+                h.insert("idempotency-key", http::HeaderValue::from_static(k));
+            }
+            h
+        };
+        let decide = |h: &http::HeaderMap, method: &str| {
+            let facts = RequestFacts {
+                headers: snap.input_headers(h),
+                ..request(method, "/v1/payments", None, h)
+            };
+            let key = snap.decision_cache().key_for(&facts).unwrap();
+            let whole = input::build_input(&facts);
+            assert_eq!(Some(&key), snap.decision_cache().key(&whole).as_ref());
+            let d = snap.evaluate_request(&facts, None).unwrap();
+            let mut reference = d.clone();
+            reference.cache = CacheUse::Miss;
+            let mut evaluated = snap.evaluate(whole).unwrap();
+            evaluated.cache = CacheUse::Miss;
+            assert_eq!(reference, evaluated);
+            (key, d)
+        };
+        let (k1, d1) = decide(&traced("00-aa-01", Some("k-1")), "POST");
+        let (k2, d2) = decide(&traced("00-bb-01", Some("k-1")), "POST");
+        let (k3, d3) = decide(&traced("00-cc-01", Some("k-2")), "POST");
+        let (_, d4) = decide(&traced("00-dd-01", None), "POST");
+        assert_eq!(k1, k2);
+        assert_ne!(k1, k3);
+        assert!(d1.allowed && d2.allowed && d3.allowed);
+        assert_eq!(d2.cache, CacheUse::Hit);
+        assert_eq!(d3.cache, CacheUse::Miss);
+        assert!(!d4.allowed, "{d4:?}");
+        assert!(
+            d4.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("idempotency-key"),
+            "{d4:?}"
+        );
+        let doc = input::build_input_json(&RequestFacts {
+            headers: snap.input_headers(&traced("00-ee-01", Some("k-1"))),
+            ..request("GET", "/", None, &http::HeaderMap::new())
+        });
+        assert_eq!(
+            doc["attributes"]["request"]["http"]["headers"],
+            serde_json::json!({"idempotency-key": "k-1"})
         );
     }
 

@@ -22,13 +22,87 @@ pub struct RequestFacts<'a> {
     pub scheme: &'a str,
     /// `"HTTP/1.1"` or `"HTTP/2"`.
     pub protocol: &'a str,
-    pub headers: &'a http::HeaderMap,
+    pub headers: InputHeaders<'a>,
     pub source_spiffe_id: &'a str,
     pub source_trust_domain: &'a str,
     pub source_path: &'a str,
     pub source_addr: SocketAddr,
     pub destination_spiffe_id: &'a str,
     pub time: SystemTime,
+}
+
+/// The request's headers as the policy is shown them: every one, or only
+/// those `policy.input_headers` names (as Envoy ext_authz's
+/// `allowed_headers`).
+///
+/// The map is private so that the document and the decision cache's key
+/// can only see the headers through [`names`](Self::names): a header the
+/// key leaves out must be one the policy cannot read, or one request could
+/// be handed a decision made for another.
+#[derive(Debug, Clone, Copy)]
+pub struct InputHeaders<'a> {
+    map: &'a http::HeaderMap,
+    /// Sorted by name and without duplicates ([`HeaderAllowlist`]).
+    only: Option<&'a HeaderAllowlist>,
+}
+
+/// The names `policy.input_headers` lets the policy see, sorted as the
+/// document orders its keys, so that neither the document nor a cache key
+/// sorts them per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderAllowlist(Box<[http::HeaderName]>);
+
+impl HeaderAllowlist {
+    pub fn new(names: impl IntoIterator<Item = http::HeaderName>) -> HeaderAllowlist {
+        let mut names: Vec<http::HeaderName> = names.into_iter().collect();
+        names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        names.dedup();
+        HeaderAllowlist(names.into_boxed_slice())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.binary_search_by(|n| n.as_str().cmp(name)).is_ok()
+    }
+
+    pub fn names(&self) -> &[http::HeaderName] {
+        &self.0
+    }
+}
+
+impl<'a> InputHeaders<'a> {
+    /// Every header of `map`.
+    pub fn all(map: &'a http::HeaderMap) -> InputHeaders<'a> {
+        InputHeaders { map, only: None }
+    }
+
+    /// The headers of `map` that `only` names; every one when `None`.
+    pub fn new(map: &'a http::HeaderMap, only: Option<&'a HeaderAllowlist>) -> InputHeaders<'a> {
+        InputHeaders { map, only }
+    }
+
+    /// The names the policy sees, each once, in byte order.
+    pub fn names(&self) -> Vec<&'a http::HeaderName> {
+        match self.only {
+            Some(only) => only
+                .0
+                .iter()
+                .filter(|name| self.map.contains_key(*name))
+                .collect(),
+            None => {
+                // `http` stores names lowercased already; keys() yields each
+                // name once.
+                let mut names: Vec<&http::HeaderName> = self.map.keys().collect();
+                names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+                names
+            }
+        }
+    }
+
+    /// The value of `name`, one of [`names`](Self::names), as the document
+    /// has it.
+    pub fn value(&self, name: &http::HeaderName) -> Cow<'a, str> {
+        header_value(self.map, name)
+    }
 }
 
 /// Builds the input document as a regorus value.
@@ -44,7 +118,7 @@ pub fn build_input(f: &RequestFacts) -> Value {
         (&k.host, f.host.into()),
         (&k.scheme, constant(f.scheme)),
         (&k.protocol, constant(f.protocol)),
-        (&k.headers, headers(f.headers)),
+        (&k.headers, headers(&f.headers)),
     ]);
 
     let attributes = object([
@@ -98,7 +172,7 @@ pub enum Field<'a> {
     Str(&'a str),
     /// A string that is usually one of a few ([`CONSTANTS`]).
     Constant(&'a str),
-    Headers(&'a http::HeaderMap),
+    Headers(InputHeaders<'a>),
     FullPath,
     ParsedPath,
     ParsedQuery,
@@ -237,7 +311,7 @@ impl Field<'_> {
         match self {
             Field::Str(s) => Value::from(*s),
             Field::Constant(s) => constant(s),
-            Field::Headers(map) => headers(map),
+            Field::Headers(shown) => headers(shown),
             Field::FullPath => full_path(f),
             Field::ParsedPath => parsed_path(f.path),
             Field::ParsedQuery => parsed_query(f.query),
@@ -248,7 +322,7 @@ impl Field<'_> {
 /// A header's value as the document has it: the lines of a repeated header
 /// joined with ", ", invalid UTF-8 replaced. Borrowed when the header has
 /// one valid line.
-pub fn header_value<'m>(map: &'m http::HeaderMap, name: &http::HeaderName) -> Cow<'m, str> {
+fn header_value<'m>(map: &'m http::HeaderMap, name: &http::HeaderName) -> Cow<'m, str> {
     let mut lines = map.get_all(name).iter();
     let first = lines.next().map(|v| String::from_utf8_lossy(v.as_bytes()));
     let Some(mut joined) = first else {
@@ -394,14 +468,14 @@ fn object<const N: usize>(fields: [(&Value, Value); N]) -> Value {
     )
 }
 
-fn headers(map: &http::HeaderMap) -> Value {
-    // `http` stores names lowercased already; keys() yields each name once.
-    let out: BTreeMap<Value, Value> = map
-        .keys()
+fn headers(shown: &InputHeaders) -> Value {
+    let out: BTreeMap<Value, Value> = shown
+        .names()
+        .into_iter()
         .map(|name| {
             (
                 Value::from(name.as_str()),
-                Value::from(header_value(map, name).as_ref()),
+                Value::from(shown.value(name).as_ref()),
             )
         })
         .collect();
@@ -475,7 +549,7 @@ mod tests {
             host: "payments",
             scheme: "https",
             protocol: "HTTP/2",
-            headers,
+            headers: InputHeaders::all(headers),
             source_spiffe_id: "spiffe://pay.example/ns/shop/sa/checkout",
             source_trust_domain: "pay.example",
             source_path: "/ns/shop/sa/checkout",
@@ -597,6 +671,43 @@ mod tests {
                 "x-bin": "caf\u{FFFD}",
             })
         );
+    }
+
+    #[test]
+    fn an_allowlist_shows_only_the_headers_it_names() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        h.append("traceparent", HeaderValue::from_static("00-abc-01"));
+        h.append("accept", HeaderValue::from_static("*/*"));
+        let only = HeaderAllowlist::new(
+            ["X-Forwarded-For", "idempotency-key", "accept", "accept"]
+                .map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()),
+        );
+        assert_eq!(only.names().len(), 3, "lowercased and deduplicated");
+        let f = RequestFacts {
+            headers: InputHeaders::new(&h, Some(&only)),
+            ..facts("/", None, &h)
+        };
+        let shown: Vec<&str> = f.headers.names().iter().map(|n| n.as_str()).collect();
+        // Listed and absent (idempotency-key) is not shown; byte order.
+        assert_eq!(shown, ["accept", "x-forwarded-for"]);
+        let got = &build_input_json(&f)["attributes"]["request"]["http"]["headers"];
+        assert_eq!(
+            got,
+            &serde_json::json!({"accept": "*/*", "x-forwarded-for": "10.0.0.1, 10.0.0.2"})
+        );
+        // The same fields through the cut document the cache builds.
+        let lookups = [Lookup::new(
+            ["attributes", "request", "http", "headers"]
+                .map(Value::from)
+                .to_vec(),
+        )];
+        let cut = serde_json::to_value(build_fields(&f, &lookups).unwrap()).unwrap();
+        assert_eq!(&cut["attributes"]["request"]["http"]["headers"], got);
+        // Without a list every header is shown.
+        let all = &json("/", None, &h)["attributes"]["request"]["http"]["headers"];
+        assert_eq!(all.as_object().unwrap().len(), 3);
     }
 
     #[test]

@@ -100,6 +100,9 @@ pub fn reload_now(opts: &Options, targets: &Targets) -> Outcome {
         opts.evaluator,
     )
     .and_then(|s| s.with_egress_query(opts.egress_query.as_deref()))
+    // A startup setting too: a reload whose policy reads a header the list
+    // leaves out is refused like any other bad policy.
+    .and_then(|s| s.with_input_headers(current.input_header_list().cloned()))
     .map(|s| s.with_decision_cache(cache_capacity));
     match loaded {
         Ok(snapshot) if snapshot.revision == current.revision => Outcome::Unchanged,
@@ -311,5 +314,43 @@ mod tests {
         let d = new.evaluate(input).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.cache, CacheUse::Miss);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_input_header_list_and_is_held_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.rego"), GOOD).unwrap();
+        std::fs::write(dir.path().join("t_test.rego"), TEST).unwrap();
+        let (opts, targets, _audit) = setup(dir.path());
+        let only = Arc::new(crate::policy::HeaderAllowlist::new([
+            http::HeaderName::from_static("x-tenant"),
+        ]));
+        let listed = PolicySnapshot::clone(&targets.policy.load())
+            .with_input_headers(Some(only.clone()))
+            .unwrap();
+        targets.policy.store(Arc::new(listed));
+        let revision = targets.policy.load().revision.clone();
+
+        let reads = |header: &str| {
+            format!(
+                "package t\nimport rego.v1\ndefault allow := false\n\
+                 allow if input.attributes.request.http.headers[\"{header}\"] == \"a\"\n"
+            )
+        };
+        std::fs::write(dir.path().join("t_test.rego"), "package t_test\n").unwrap();
+        std::fs::write(dir.path().join("t.rego"), reads("x-other")).unwrap();
+        let Outcome::Rejected(Error::HeaderNotShown { header, .. }) = reload_now(&opts, &targets)
+        else {
+            panic!("a policy reading an unlisted header was not refused");
+        };
+        assert_eq!(header, "x-other");
+        assert_eq!(targets.policy.load().revision, revision);
+
+        std::fs::write(dir.path().join("t.rego"), reads("x-tenant")).unwrap();
+        assert!(matches!(
+            reload_now(&opts, &targets),
+            Outcome::Swapped { .. }
+        ));
+        assert_eq!(targets.policy.load().input_header_list(), Some(&only));
     }
 }
