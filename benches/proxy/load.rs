@@ -4,6 +4,7 @@
 //! Latencies are recorded in microseconds in an HDR histogram.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,12 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-type Sender = SendRequest<Empty<Bytes>>;
+
+/// One keep-alive connection, and whether its requests carry a trace id.
+pub struct Sender {
+    inner: SendRequest<Empty<Bytes>>,
+    traced: bool,
+}
 
 /// A path the shipped policy allows for checkout, so every target does
 /// the whole job: verify, decide, forward.
@@ -74,11 +80,26 @@ impl Sample {
 pub struct Client {
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
+    traced: bool,
 }
+
+/// Trace ids handed out so far: each request's is new, as a service
+/// instrumented with OpenTelemetry sends them.
+static TRACES: AtomicU64 = AtomicU64::new(0);
 
 impl Client {
     pub fn new(addr: SocketAddr, tls: Option<Arc<rustls::ClientConfig>>) -> Client {
-        Client { addr, tls }
+        Client {
+            addr,
+            tls,
+            traced: false,
+        }
+    }
+
+    /// Every request with a `traceparent` of its own.
+    pub fn traced(mut self, on: bool) -> Client {
+        self.traced = on;
+        self
     }
 
     async fn connect(&self) -> Result<Sender, Error> {
@@ -100,7 +121,10 @@ impl Client {
         };
         // The connection task ends by itself once the sender is dropped.
         drop(conn);
-        Ok(sender)
+        Ok(Sender {
+            inner: sender,
+            traced: self.traced,
+        })
     }
 
     async fn request(sender: &mut Sender) -> Result<(), Error> {
@@ -118,11 +142,17 @@ impl Client {
     }
 
     async fn send(sender: &mut Sender) -> Result<http::StatusCode, Error> {
-        let req = http::Request::get(PATH)
-            .header(http::header::HOST, "localhost")
-            .body(Empty::new())?;
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
+        let mut req = http::Request::get(PATH).header(http::header::HOST, "localhost");
+        if sender.traced {
+            let n = TRACES.fetch_add(1, Ordering::Relaxed);
+            req = req.header(
+                "traceparent",
+                format!("00-4bf92f3577b34da6{n:016x}-00f067aa0ba902b7-01"),
+            );
+        }
+        let req = req.body(Empty::new())?;
+        sender.inner.ready().await?;
+        let resp = sender.inner.send_request(req).await?;
         let status = resp.status();
         resp.into_body().collect().await?;
         Ok(status)

@@ -40,9 +40,6 @@ use load::{Client, Sample};
 use procstat::{machine_ticks, ProcTree};
 use targets::{Certs, Target};
 
-/// The default size of `policy.decision_cache`.
-const DECISION_CACHE: usize = 10_000;
-
 fn main() {
     if std::env::args().any(|a| a == upstream::FLAG) {
         upstream::serve();
@@ -67,7 +64,7 @@ fn main() {
             .as_ref()
             .is_none_or(|only| only.iter().any(|n| n == name))
     };
-    let portcullis = |name: &'static str, audit: &Path, decision_cache: usize| {
+    let portcullis = |name: &'static str, audit: &Path, policy: &str| {
         wanted(name).then(|| {
             targets::portcullis(
                 name,
@@ -75,19 +72,15 @@ fn main() {
                 &certs,
                 upstream_addr,
                 audit,
-                decision_cache,
+                policy,
                 options.workers,
             )
         })
     };
     let mut targets: Vec<Target> = [
         wanted("direct").then(|| Target::direct(&upstream, upstream_addr)),
-        portcullis("portcullis", &dir.path().join("audit.log"), DECISION_CACHE),
-        portcullis(
-            "portcullis-audit-off",
-            Path::new("/dev/null"),
-            DECISION_CACHE,
-        ),
+        portcullis("portcullis", &dir.path().join("audit.log"), ""),
+        portcullis("portcullis-audit-off", Path::new("/dev/null"), ""),
         // Every request decided by the RVM, as for callers whose headers
         // differ per request (a unique traceparent): the generator repeats
         // one request, so with the cache every decision after the first is
@@ -95,8 +88,20 @@ fn main() {
         portcullis(
             "portcullis-uncached",
             &dir.path().join("audit-uncached.log"),
-            0,
+            "decision_cache = 0",
         ),
+        // Such callers again, with a trace id of their own on every
+        // request, and the policy shown only the header it needs: the
+        // trace id is then not in the decision cache's key.
+        portcullis(
+            "portcullis-traced",
+            &dir.path().join("audit-traced.log"),
+            "input_headers = [\"idempotency-key\"]",
+        )
+        .map(|mut t| {
+            t.traced = true;
+            t
+        }),
     ]
     .into_iter()
     .flatten()
@@ -304,11 +309,11 @@ async fn run(options: &Options, targets: &[Target], certs: &Certs, upstream: &Pr
     let fresh_tls = load::without_resumption(&tls);
     let keep_alive: Vec<Client> = targets
         .iter()
-        .map(|t| Client::new(t.addr, t.tls.then(|| tls.clone())))
+        .map(|t| Client::new(t.addr, t.tls.then(|| tls.clone())).traced(t.traced))
         .collect();
     let one_shot: Vec<Client> = targets
         .iter()
-        .map(|t| Client::new(t.addr, t.tls.then(|| fresh_tls.clone())))
+        .map(|t| Client::new(t.addr, t.tls.then(|| fresh_tls.clone())).traced(t.traced))
         .collect();
     let generator = ProcTree::single(std::process::id());
     check_roles(targets, certs, &keep_alive).await;

@@ -32,6 +32,8 @@ pub struct Target {
     /// Connections it was configured to hold at most, where that is
     /// below what the idle mode opens.
     pub max_connections: Option<usize>,
+    /// Sent a trace id of its own with every request.
+    pub traced: bool,
     _process: Option<Stopper>,
 }
 
@@ -47,6 +49,7 @@ impl Target {
             idle_rss: procs.rss(),
             procs,
             max_connections: None,
+            traced: false,
             _process: None,
         }
     }
@@ -80,6 +83,7 @@ impl Target {
             idle_rss: procs.rss(),
             procs,
             max_connections: None,
+            traced: false,
             _process: Some(stopper),
         })
     }
@@ -166,14 +170,15 @@ impl Certs {
 
 /// The real release binary with the shipped policies; `audit` is a file
 /// path or /dev/null (auditing cannot be switched off: /dev/null keeps the
-/// serialising and hashing and drops only the write).
+/// serialising and hashing and drops only the write). `policy` holds
+/// further `[policy]` settings.
 pub fn portcullis(
     name: &'static str,
     dir: &Path,
     certs: &Certs,
     upstream: SocketAddr,
     audit: &Path,
-    decision_cache: usize,
+    policy: &str,
     workers: usize,
 ) -> Target {
     let dir = dir.join(name);
@@ -197,7 +202,7 @@ bundle = "{bundle}"
 
 [policy]
 dir = "{policies}"
-decision_cache = {decision_cache}
+{policy}
 
 [audit]
 path = "{audit}"
