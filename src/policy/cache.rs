@@ -430,14 +430,14 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
 /// What [`encode_value`] writes for the document's header object: names
 /// in the object's (byte) order, each value as the document has it.
 fn encode_headers(shown: &input::InputHeaders, out: &mut Vec<u8>) {
-    let names = shown.names();
+    let entries = shown.entries();
     out.push(b'o');
-    push_len(out, names.len());
-    for name in names {
+    push_len(out, entries.len());
+    for (name, value) in entries {
         out.push(b's');
         push_str(out, name.as_str());
         out.push(b's');
-        push_str(out, &shown.value(name));
+        push_str(out, &value);
     }
 }
 

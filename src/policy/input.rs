@@ -80,28 +80,39 @@ impl<'a> InputHeaders<'a> {
         InputHeaders { map, only }
     }
 
-    /// The names the policy sees, each once, in byte order.
-    pub fn names(&self) -> Vec<&'a http::HeaderName> {
-        match self.only {
-            Some(only) => only
+    /// The headers the policy sees, in byte order of their names, each
+    /// once with its value as the document has it: the lines of a repeated
+    /// header joined with ", ", invalid UTF-8 replaced.
+    pub fn entries(&self) -> Vec<(&'a http::HeaderName, Cow<'a, str>)> {
+        if let Some(only) = self.only {
+            return only
                 .0
                 .iter()
-                .filter(|name| self.map.contains_key(*name))
-                .collect(),
-            None => {
-                // `http` stores names lowercased already; keys() yields each
-                // name once.
-                let mut names: Vec<&http::HeaderName> = self.map.keys().collect();
-                names.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
-                names
+                .filter_map(|name| Some((name, joined(self.map.get_all(name).iter())?)))
+                .collect();
+        }
+        // One pass over the map, no lookup per name: `http` yields the
+        // lines of a repeated header one after another.
+        let mut out: Vec<(&http::HeaderName, Cow<str>)> = Vec::with_capacity(self.map.keys_len());
+        for (name, value) in self.map {
+            match out.last_mut() {
+                Some((last, joined)) if *last == name => append(joined, value),
+                _ => out.push((name, text(value))),
             }
         }
-    }
-
-    /// The value of `name`, one of [`names`](Self::names), as the document
-    /// has it.
-    pub fn value(&self, name: &http::HeaderName) -> Cow<'a, str> {
-        header_value(self.map, name)
+        // Stable, so a repeated header's lines keep their order even if
+        // they were not adjacent.
+        out.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        out.dedup_by(|later, earlier| {
+            let same = later.0 == earlier.0;
+            if same {
+                let s = earlier.1.to_mut();
+                s.push_str(", ");
+                s.push_str(&later.1);
+            }
+            same
+        });
+        out
     }
 }
 
@@ -319,21 +330,30 @@ impl Field<'_> {
     }
 }
 
-/// A header's value as the document has it: the lines of a repeated header
-/// joined with ", ", invalid UTF-8 replaced. Borrowed when the header has
-/// one valid line.
-fn header_value<'m>(map: &'m http::HeaderMap, name: &http::HeaderName) -> Cow<'m, str> {
-    let mut lines = map.get_all(name).iter();
-    let first = lines.next().map(|v| String::from_utf8_lossy(v.as_bytes()));
-    let Some(mut joined) = first else {
-        return Cow::Borrowed("");
-    };
+/// The lines of one header as the document has them, joined with ", ";
+/// `None` when there are none.
+fn joined<'m>(mut lines: impl Iterator<Item = &'m http::HeaderValue>) -> Option<Cow<'m, str>> {
+    let mut out = text(lines.next()?);
     for value in lines {
-        let s = joined.to_mut();
-        s.push_str(", ");
-        s.push_str(&String::from_utf8_lossy(value.as_bytes()));
+        append(&mut out, value);
     }
-    joined
+    Some(out)
+}
+
+fn append(joined: &mut Cow<str>, line: &http::HeaderValue) {
+    let s = joined.to_mut();
+    s.push_str(", ");
+    s.push_str(&text(line));
+}
+
+/// A header line as text: borrowed when it is visible ASCII, as nearly
+/// every one is (`to_str` checks that faster than the UTF-8 decoder walks
+/// it), else decoded with invalid UTF-8 replaced.
+fn text(line: &http::HeaderValue) -> Cow<'_, str> {
+    match line.to_str() {
+        Ok(ascii) => Cow::Borrowed(ascii),
+        Err(_) => String::from_utf8_lossy(line.as_bytes()),
+    }
 }
 
 /// The document's object keys, made once: each would otherwise be a
@@ -470,14 +490,9 @@ fn object<const N: usize>(fields: [(&Value, Value); N]) -> Value {
 
 fn headers(shown: &InputHeaders) -> Value {
     let out: BTreeMap<Value, Value> = shown
-        .names()
+        .entries()
         .into_iter()
-        .map(|name| {
-            (
-                Value::from(name.as_str()),
-                Value::from(shown.value(name).as_ref()),
-            )
-        })
+        .map(|(name, value)| (Value::from(name.as_str()), Value::from(value.as_ref())))
         .collect();
     Value::from(out)
 }
@@ -662,11 +677,13 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
         h.append("accept", HeaderValue::from_static("text/plain"));
         h.append("x-bin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        // A line of a header after other headers still joins in order.
+        h.append("x-forwarded-for", HeaderValue::from_static("10.0.0.3"));
         let got = &json("/", None, &h)["attributes"]["request"]["http"]["headers"];
         assert_eq!(
             got,
             &serde_json::json!({
-                "x-forwarded-for": "10.0.0.1, 10.0.0.2",
+                "x-forwarded-for": "10.0.0.1, 10.0.0.2, 10.0.0.3",
                 "accept": "text/plain",
                 "x-bin": "caf\u{FFFD}",
             })
@@ -689,7 +706,7 @@ mod tests {
             headers: InputHeaders::new(&h, Some(&only)),
             ..facts("/", None, &h)
         };
-        let shown: Vec<&str> = f.headers.names().iter().map(|n| n.as_str()).collect();
+        let shown: Vec<&str> = f.headers.entries().iter().map(|e| e.0.as_str()).collect();
         // Listed and absent (idempotency-key) is not shown; byte order.
         assert_eq!(shown, ["accept", "x-forwarded-for"]);
         let got = &build_input_json(&f)["attributes"]["request"]["http"]["headers"];
