@@ -144,10 +144,13 @@ impl Client {
     async fn send(sender: &mut Sender) -> Result<http::StatusCode, Error> {
         let mut req = http::Request::get(PATH).header(http::header::HOST, "localhost");
         if sender.traced {
+            // Random-looking hex, as real trace and span ids are: a counter
+            // would put long runs of zeros in them.
             let n = TRACES.fetch_add(1, Ordering::Relaxed);
+            let (trace, span) = (mix(n), mix(!n));
             req = req.header(
                 "traceparent",
-                format!("00-4bf92f3577b34da6{n:016x}-00f067aa0ba902b7-01"),
+                format!("00-4bf92f3577b34da6{trace:016x}-{span:016x}-01"),
             );
         }
         let req = req.body(Empty::new())?;
@@ -165,6 +168,14 @@ impl Client {
             .map(|c| c.expect("open a keep-alive connection"))
             .collect()
     }
+}
+
+/// splitmix64's finalizer: distinct inputs, well-spread outputs.
+fn mix(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// (a) Closed loop: `connections` keep-alive connections, each sending its
