@@ -225,9 +225,10 @@ impl PolicySnapshot {
     }
 
     /// Shows the policy only the headers `only` names (`None`: every one).
-    /// Refused when the policy reads, by a name written in its source, a
-    /// header the list leaves out. A name it takes from data or computes
-    /// cannot be checked here; its tests should cover it.
+    /// Refused when one of the policy's read paths names a header the list
+    /// leaves out (`input.attributes.request.http.headers["x-tenant"]`). A
+    /// name it takes from data, computes or reads through an alias is not
+    /// seen here; its tests should cover it.
     pub fn with_input_headers(mut self, only: Option<Arc<HeaderAllowlist>>) -> Result<Self, Error> {
         if let Some(list) = &only {
             const HEADERS: &[&str] = &["input", "attributes", "request", "http", "headers"];
