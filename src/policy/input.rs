@@ -36,7 +36,7 @@ pub struct RequestFacts<'a> {
 /// `allowed_headers`).
 ///
 /// The map is private so that the document and the decision cache's key
-/// can only see the headers through [`names`](Self::names): a header the
+/// can only see the headers through [`entries`](Self::entries): a header the
 /// key leaves out must be one the policy cannot read, or one request could
 /// be handed a decision made for another.
 #[derive(Debug, Clone, Copy)]
