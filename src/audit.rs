@@ -29,6 +29,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 pub use self::chain::{Chain, Hasher, GENESIS};
+pub(crate) use self::redact::header_text;
 pub use self::redact::{redact_pans, HeaderPolicy, SECRET_HEADERS, WITHHELD};
 pub use self::verify::{
     verify, verify_files, verify_text, Broken, Gap, Verified, VerifyFilesError,

@@ -53,13 +53,7 @@ impl HeaderPolicy {
             let shown = if self.is_withheld(name.as_str()) {
                 WITHHELD.to_string()
             } else {
-                // Nearly every value is visible ASCII, which `to_str` checks
-                // faster than the lossy decoder walks it.
-                let text = match value.to_str() {
-                    Ok(ascii) => Cow::Borrowed(ascii),
-                    Err(_) => String::from_utf8_lossy(value.as_bytes()),
-                };
-                redact_pans(&text).into_owned()
+                redact_pans(&header_text(value)).into_owned()
             };
             out.entry(name.as_str().to_owned())
                 .and_modify(|v| {
@@ -71,6 +65,17 @@ impl HeaderPolicy {
                 .or_insert(shown);
         }
         out
+    }
+}
+
+/// A header line as text: borrowed when it is visible ASCII, as nearly
+/// every one is (`to_str` checks that faster than the UTF-8 decoder walks
+/// it), else decoded with invalid UTF-8 replaced. The audit trail and the
+/// policy input both show header values this way.
+pub(crate) fn header_text(line: &http::HeaderValue) -> Cow<'_, str> {
+    match line.to_str() {
+        Ok(ascii) => Cow::Borrowed(ascii),
+        Err(_) => String::from_utf8_lossy(line.as_bytes()),
     }
 }
 

@@ -9,6 +9,8 @@ use std::time::SystemTime;
 
 use regorus::Value;
 
+use crate::audit::header_text;
+
 /// Everything the proxy knows about one request when it asks the policy.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFacts<'a> {
@@ -97,7 +99,7 @@ impl<'a> InputHeaders<'a> {
         for (name, value) in self.map {
             match out.last_mut() {
                 Some((last, joined)) if *last == name => append(joined, value),
-                _ => out.push((name, text(value))),
+                _ => out.push((name, header_text(value))),
             }
         }
         // Stable, so a repeated header's lines keep their order even if
@@ -333,7 +335,7 @@ impl Field<'_> {
 /// The lines of one header as the document has them, joined with ", ";
 /// `None` when there are none.
 fn joined<'m>(mut lines: impl Iterator<Item = &'m http::HeaderValue>) -> Option<Cow<'m, str>> {
-    let mut out = text(lines.next()?);
+    let mut out = header_text(lines.next()?);
     for value in lines {
         append(&mut out, value);
     }
@@ -343,17 +345,7 @@ fn joined<'m>(mut lines: impl Iterator<Item = &'m http::HeaderValue>) -> Option<
 fn append(joined: &mut Cow<str>, line: &http::HeaderValue) {
     let s = joined.to_mut();
     s.push_str(", ");
-    s.push_str(&text(line));
-}
-
-/// A header line as text: borrowed when it is visible ASCII, as nearly
-/// every one is (`to_str` checks that faster than the UTF-8 decoder walks
-/// it), else decoded with invalid UTF-8 replaced.
-fn text(line: &http::HeaderValue) -> Cow<'_, str> {
-    match line.to_str() {
-        Ok(ascii) => Cow::Borrowed(ascii),
-        Err(_) => String::from_utf8_lossy(line.as_bytes()),
-    }
+    s.push_str(&header_text(line));
 }
 
 /// The document's object keys, made once: each would otherwise be a
